@@ -20,7 +20,9 @@ def glue_dir() -> Path:
 def glue_root() -> Path:
     root = glue_dir()
     if not (root / "SST-2" / "train.tsv").exists():
-        pytest.skip(f"GLUE data not found at {root} (set LORAKIT_GLUE_DIR to the folder holding SST-2/, RTE/, ...)")
+        pytest.skip(
+            f"GLUE data not found at {root} (set LORAKIT_GLUE_DIR to the folder holding SST-2/, RTE/, ...)"
+        )
     return root
 
 
@@ -30,7 +32,12 @@ def tiny_bert():
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_labels=3
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=3,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -40,5 +47,7 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).eval()

@@ -92,7 +92,10 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
 
 
 def save(
-    model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None, base_model: str | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write the model's adapters to ``directory`` (PEFT layout; see the module docstring).
 
@@ -118,7 +121,9 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     if lorakit_path.exists():
         return LoraConfig.from_dict(_read_json(lorakit_path)["lorakit"])
     if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory / CONFIG_NAME}: peft_type is {peft_config.get('peft_type')!r}, expected 'LORA'")
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: peft_type is {peft_config.get('peft_type')!r}, expected 'LORA'"
+        )
     unsupported = [k for k in ("use_dora", "lora_bias") if peft_config.get(k)]
     if unsupported:
         raise ValueError(f"{directory / CONFIG_NAME}: {unsupported} adapters are not supported by lorakit")
@@ -181,7 +186,8 @@ def load(model: nn.Module, directory: str | os.PathLike, strict: bool = True) ->
             target = expected[key]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(
-                    f"{weights_path}: '{key}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
+                    f"{weights_path}: '{key}' has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
                 )
             target.copy_(value.to(target.dtype))
     return model
@@ -211,7 +217,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _require_config(model: nn.Module) -> LoraConfig:
     config = getattr(model, "lora_config", None)
     if config is None or not any(True for _ in lora_layers(model)):
-        raise ValueError(f"{type(model).__name__} has no lorakit adapters; call lorakit.inject(model, config) first")
+        raise ValueError(
+            f"{type(model).__name__} has no lorakit adapters; call lorakit.inject(model, config) first"
+        )
     return config
 
 

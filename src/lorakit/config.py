@@ -76,7 +76,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.seed: expected an integer, got {self.seed!r}")
         self.targets = _names("targets", self.targets, allow_all_linear=True)
         if not self.targets:
-            raise ValueError("LoraConfig.targets: expected at least one module name or 'all-linear', got none")
+            raise ValueError(
+                "LoraConfig.targets: expected at least one module name or 'all-linear', got none"
+            )
         self.exclude = _names("exclude", self.exclude)
         self.modules_to_save = _names("modules_to_save", self.modules_to_save)
         self.rank_pattern = dict(self.rank_pattern)
@@ -120,7 +122,12 @@ def _check_rank(name: str, value: Any) -> None:
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"LoraConfig.{name}: expected a positive finite number, got {value!r}")
 
 
@@ -135,7 +142,9 @@ def _names(name: str, value: Any, allow_all_linear: bool = False) -> str | tuple
             return value
         value = [value]
     if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"LoraConfig.{name}: expected a module name or a list of non-empty names, got {value!r}")
+        raise ValueError(
+            f"LoraConfig.{name}: expected a module name or a list of non-empty names, got {value!r}"
+        )
     if "all-linear" in value:
         raise ValueError(f"LoraConfig.{name}: 'all-linear' must be given alone, not inside a list")
     return tuple(value)

@@ -60,7 +60,9 @@ def test_module_missing_from_model(tmp_path):
 def test_shape_mismatch_names_module_expected_and_found(tmp_path):
     _saved(tmp_path, r=4)
     model = lorakit.inject(_fresh(), LoraConfig(r=2, targets=["0", "2"]))
-    with pytest.raises(ValueError, match=r"'base_model.model.0.lora_A.weight' has shape \(4, 8\), the model expects \(2, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"'base_model.model.0.lora_A.weight' has shape \(4, 8\), the model expects \(2, 8\)"
+    ):
         lorakit.load(model, tmp_path)
 
 

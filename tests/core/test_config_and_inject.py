@@ -119,3 +119,16 @@ def test_unload_restores_plain_modules(tiny_bert):
     lorakit.unload(tiny_bert)
     assert not any(isinstance(m, LoraLinear) for m in tiny_bert.modules())
     torch.testing.assert_close(tiny_bert(x).logits, before, rtol=0, atol=1e-6)
+
+
+def test_float32_master_factors_on_a_bf16_base():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Embedding(10, 16)).to(torch.bfloat16)
+    lorakit.inject(model, LoraConfig(r=4, targets=["0", "1"], init="gaussian-b"))
+    layers = dict(lorakit.lora_layers(model))
+    assert all(f.dtype == torch.float32 for layer in layers.values() for f in (layer.lora_A, layer.lora_B))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    out = model[0](x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layers["0"].lora_B.grad.dtype == torch.float32
+    assert model[1](torch.tensor([1, 2])).dtype == torch.bfloat16

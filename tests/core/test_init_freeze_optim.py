@@ -31,7 +31,10 @@ def test_every_scheme_is_deterministic_given_seed(scheme):
     for name in first:
         assert all(torch.equal(a, b) for a, b in zip(first[name], second[name], strict=True))
     if scheme != "svd-a":  # the SVD of W0 has no randomness
-        assert any(not torch.equal(first[n][0], other[n][0]) or not torch.equal(first[n][1], other[n][1]) for n in first)
+        assert any(
+            not torch.equal(first[n][0], other[n][0]) or not torch.equal(first[n][1], other[n][1])
+            for n in first
+        )
 
 
 def test_init_does_not_depend_on_which_other_modules_are_adapted():
@@ -44,11 +47,15 @@ def test_zero_factor_and_distributions():
     layers = dict(lorakit.lora_layers(lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0"], init="lora"))))
     a, b = layers["0"].lora_A, layers["0"].lora_B
     assert torch.count_nonzero(b) == 0 and a.abs().max() <= 1 / math.sqrt(32)
-    layers = dict(lorakit.lora_layers(lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0"], init="gaussian-b"))))
+    layers = dict(
+        lorakit.lora_layers(lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0"], init="gaussian-b")))
+    )
     assert torch.count_nonzero(layers["0"].lora_A) == 0 and torch.count_nonzero(layers["0"].lora_B) > 0
 
 
-@pytest.mark.parametrize(("scheme", "factor"), [("orthonormal-a", "A"), ("orthonormal-b", "B"), ("banded-a", "A")])
+@pytest.mark.parametrize(
+    ("scheme", "factor"), [("orthonormal-a", "A"), ("orthonormal-b", "B"), ("banded-a", "A")]
+)
 def test_orthonormal_factors(scheme, factor):
     model = lorakit.inject(_mlp(), LoraConfig(r=8, targets=["0", "2"], init=scheme))
     for _, layer in lorakit.lora_layers(model):
@@ -58,7 +65,9 @@ def test_orthonormal_factors(scheme, factor):
 
 def test_haar_rows_are_uniform_in_sign():
     # Without the sign fix, QR's first row has a positive first coordinate far more often than half.
-    firsts = torch.stack([haar_orthonormal_rows(1, 3, torch.Generator().manual_seed(s))[0, 0] for s in range(400)])
+    firsts = torch.stack(
+        [haar_orthonormal_rows(1, 3, torch.Generator().manual_seed(s))[0, 0] for s in range(400)]
+    )
     assert 0.4 < (firsts > 0).float().mean() < 0.6
 
 
@@ -74,7 +83,9 @@ def test_svd_a_uses_top_right_singular_vectors():
 
 def test_correlated_ablations_are_ill_conditioned():
     for scheme in ("correlated-rows-a", "correlated-cols-a"):
-        layer = dict(lorakit.lora_layers(lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0"], init=scheme))))["0"]
+        layer = dict(
+            lorakit.lora_layers(lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0"], init=scheme)))
+        )["0"]
         singular = torch.linalg.svdvals(layer.lora_A)
         assert singular[0] / singular[-1] > 10, scheme
 
@@ -82,7 +93,9 @@ def test_correlated_ablations_are_ill_conditioned():
 @pytest.mark.parametrize("train", ["A", "B"])
 def test_frozen_factor_bit_identical_after_adamw_with_weight_decay(train):
     init = "orthonormal-a" if train == "B" else "orthonormal-b"
-    model = lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0", "2"], init=init, train=train, modules_to_save=["4"]))
+    model = lorakit.inject(
+        _mlp(), LoraConfig(r=4, targets=["0", "2"], init=init, train=train, modules_to_save=["4"])
+    )
     frozen_name = "lora_B" if train == "A" else "lora_A"
     before = {n: getattr(layer, frozen_name).clone() for n, layer in lorakit.lora_layers(model)}
     model.requires_grad_(True)  # a user's blanket unfreeze (base weights too) must not reach a frozen factor

@@ -39,7 +39,9 @@ def _inputs(vocab: int = 64) -> torch.Tensor:
 def test_outputs_and_gradients_match_peft(request, tmp_path, model_name, scaling):
     base = request.getfixturevalue(model_name)
     reference_base = copy.deepcopy(base)
-    targets = ["query", "value", "word_embeddings"] if model_name == "tiny_bert" else ["c_attn", "c_fc", "wte"]
+    targets = (
+        ["query", "value", "word_embeddings"] if model_name == "tiny_bert" else ["c_attn", "c_fc", "wte"]
+    )
     model = lorakit.inject(base, LoraConfig(r=4, alpha=8, scaling=scaling, targets=targets)).eval()
     _randomise_factors(model)
     lorakit.save(model, tmp_path)
@@ -55,7 +57,11 @@ def test_outputs_and_gradients_match_peft(request, tmp_path, model_name, scaling
     compared = 0
     for name, layer in lorakit.lora_layers(model):
         for ours_name, peft_suffix in (("lora_A", "A"), ("lora_B", "B")):
-            key = next(k for k in peft_grads if k.startswith(f"base_model.model.{name}.lora_") and peft_suffix in k.split(".lora_")[1][:12])
+            key = next(
+                k
+                for k in peft_grads
+                if k.startswith(f"base_model.model.{name}.lora_") and peft_suffix in k.split(".lora_")[1][:12]
+            )
             assert _rel(getattr(layer, ours_name).grad, peft_grads[key]) <= 1e-6, (name, ours_name)
             compared += 1
     assert compared == 2 * len(dict(lorakit.lora_layers(model)))
@@ -64,7 +70,11 @@ def test_outputs_and_gradients_match_peft(request, tmp_path, model_name, scaling
 def test_peft_adapter_loads_into_lorakit(tiny_bert, tmp_path):
     reference_base = copy.deepcopy(tiny_bert)
     peft_config = peft.LoraConfig(
-        r=4, lora_alpha=12, target_modules=["query", "value"], modules_to_save=["classifier"], rank_pattern={"value": 2}
+        r=4,
+        lora_alpha=12,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        rank_pattern={"value": 2},
     )
     twin = peft.get_peft_model(reference_base, peft_config)
     for name, param in twin.named_parameters():

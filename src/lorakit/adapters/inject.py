@@ -69,7 +69,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Paths of the modules ``config`` adapts; raises a clear error if none match or a match is unsupported."""
+    """Paths of the modules ``config`` adapts; a clear error if none match or a match is unsupported."""
     names = [name for name, _ in model.named_modules() if name]
     modules = dict(model.named_modules())
     excluded = {n for n in names if any(name_matches(n, p) for p in config.exclude)}
@@ -168,7 +168,8 @@ def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
         if not matches:
             close = difflib.get_close_matches(pattern, names, n=3)
             raise ValueError(
-                f"LoraConfig.modules_to_save entry '{pattern}' matched no module" + (f"; closest: {close}" if close else "")
+                f"LoraConfig.modules_to_save entry '{pattern}' matched no module"
+                + (f"; closest: {close}" if close else "")
             )
         # Keep the outermost match only: its parameters include the inner ones.
         found += [m for m in matches if not any(m.startswith(o + ".") for o in matches)]
@@ -195,7 +196,8 @@ def merge(model: nn.Module) -> nn.Module:
         tied = [o for o in owners.get(id(layer.base_layer.weight), []) if not o.startswith(name + ".")]
         if tied:
             raise ValueError(
-                f"cannot merge the adapter of '{name}': its weight is tied to {tied}, which merging would change too"
+                f"cannot merge the adapter of '{name}': its weight is tied to {tied}, "
+                "which merging would change too"
             )
     for _, layer in lora_layers(model):
         layer.merge()

@@ -156,7 +156,13 @@ class LoraEmbedding(LoraLayer):
             return result
         base = self.base_layer
         after_a = F.embedding(
-            x, self.lora_A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            x,
+            self.lora_A.T,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
         )
         return result + (after_a.to(result.dtype) @ self.lora_B.T.to(result.dtype)) * self.scaling
 
@@ -186,4 +192,6 @@ def _lora_linear(layer: LoraLinear, x: torch.Tensor, weight: torch.Tensor, trans
         return lora_linear(
             x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, dropout_p, layer.training, transposed
         )
-    return reference_lora_linear(x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, layer.dropout, transposed)
+    return reference_lora_linear(
+        x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, layer.dropout, transposed
+    )

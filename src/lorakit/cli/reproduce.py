@@ -20,7 +20,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     ),
     "asymmetry": (
         "lorakit.experiments.asymmetry",
-        "Zhu et al. (ICML 2024): frozen-A vs frozen-B closed forms and Monte-Carlo check in linear regression.",
+        "Zhu et al. (ICML 2024): frozen-A vs frozen-B in linear regression, closed forms and Monte Carlo.",
     ),
     "asymmetry-similarity": (
         "lorakit.experiments.asymmetry_similarity",
@@ -39,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, (module_name, summary) in EXPERIMENTS.items():
         sub = experiments.add_parser(
-            name, help=summary, description=summary, epilog=f"example: lorakit reproduce {name} --out runs/{name}"
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example: lorakit reproduce {name} --out runs/{name}",
         )
         sub.set_defaults(func=_runner(module_name, sub))
 
