@@ -59,7 +59,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
     seed: int = 0
-    kernel: str = "reference"
+    kernel: str = "fused"
 
     def __post_init__(self) -> None:
         from lorakit.adapters.init import INIT_SCHEMES

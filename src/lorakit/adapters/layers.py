@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters import fused
+
 
 class LoraLayer(nn.Module):
     """Base class: owns ``base_layer``, the factors ``lora_A``/``lora_B`` and the scale.
@@ -43,7 +45,7 @@ class LoraLayer(nn.Module):
         self.alpha = alpha
         self.scaling = scaling
         self.kernel = kernel
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
         self.merged = False
         in_features, out_features = self.features_of(base_layer)
         device = base_layer.weight.device
@@ -101,7 +103,10 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         trained = ("A" if self.train_a else "") + ("B" if self.train_b else "")
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, train={trained or 'none'}"
+        return (
+            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p:g}, "
+            f"train={trained or 'none'}, kernel={self.kernel}"
+        )
 
 
 class LoraLinear(LoraLayer):
@@ -167,31 +172,16 @@ class LoraEmbedding(LoraLayer):
         return result + (after_a.to(result.dtype) @ self.lora_B.T.to(result.dtype)) * self.scaling
 
 
-def reference_lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout: nn.Module,
-    transposed: bool,
-) -> torch.Tensor:
-    """Plain PyTorch LoRA linear (the reference path): three GEMMs and an add."""
-    base = F.linear(x, weight.T if transposed else weight, bias)
-    lora = F.linear(F.linear(dropout(x), lora_A.to(x.dtype)), lora_B.to(x.dtype))
-    return base + lora * scaling
-
-
 def _lora_linear(layer: LoraLinear, x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    bias = layer.base_layer.bias
-    if layer.kernel == "fused":
-        from lorakit.adapters.fused import lora_linear
-
-        dropout_p = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
-        return lora_linear(
-            x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, dropout_p, layer.training, transposed
-        )
-    return reference_lora_linear(
-        x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, layer.dropout, transposed
+    forward = fused.lora_linear if layer.kernel == "fused" else fused.reference_lora_linear
+    return forward(
+        x,
+        weight,
+        layer.base_layer.bias,
+        layer.lora_A,
+        layer.lora_B,
+        layer.scaling,
+        layer.dropout_p,
+        layer.training,
+        transposed,
     )

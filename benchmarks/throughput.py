@@ -1,0 +1,666 @@
+"""Training throughput of LoRA on a random-init Llama: no adapters vs PEFT vs lorakit, eager and compiled.
+
+One process, one model recipe and one input batch for every variant. Order (each timed twice):
+no-adapter, PEFT default (float32 adapters), PEFT bf16 (``autocast_adapter_dtype=False``), PEFT bf16 with
+frozen lora_A, lorakit LoRA (train AB), lorakit frozen-A (``orthonormal-a``, ``train="B"``); first eager,
+then under ``torch.compile(model)``. A step is forward (with the LM loss) + backward + AdamW.
+
+Before timing, lorakit's fused path is checked against the float64 reference on the GPU (outputs and
+gradients, bf16 rel. err ≤ 1e-2, fp32 ≤ 1e-5); if it disagrees the lorakit variants are not timed.
+
+Example (GPU):
+    PYTHONPATH=src python3 benchmarks/throughput.py --out out/throughput.json --results benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters import fused
+from lorakit.adapters.fused import dropout_mask, lora_linear, reference_lora_linear
+from lorakit.utils import atomic_write, atomic_write_json
+
+LOG = logging.getLogger("throughput")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
+# Diagnostics: lorakit layers with kernel="reference"; the fused path with torch.addmm instead of Triton.
+EXTRA_VARIANTS = ["lorakit-reference", "lorakit-notriton"]
+PEER = {
+    "lorakit": "peft-bf16",
+    "lorakit-frozenA": "peft-bf16-frozenA",
+    "lorakit-reference": "peft-bf16",
+    "lorakit-notriton": "peft-bf16",
+}
+TARGET_VS_NONE = {"lorakit": 0.95, "lorakit-frozenA": 0.97}
+CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+@dataclass(frozen=True)
+class Spec:
+    layers: int = 16
+    hidden: int = 2048
+    intermediate: int = 8192
+    heads: int = 32
+    kv_heads: int = 8
+    vocab: int = 32000
+    batch: int = 4
+    seq: int = 2048
+    rank: int = 16
+    alpha: float = 32.0
+
+
+# ----------------------------------------------------------------------------------------------- check
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_fused(device: str, tokens: int = 4096) -> dict:
+    """Fused path (bf16 and fp32 on ``device``) vs the reference in float64, fresh random inputs per case."""
+    results, ok = [], True
+    cases = [
+        (dtype, train, transposed, strategy, p)
+        for dtype in (torch.bfloat16, torch.float32)
+        for train in ("AB", "B", "A")
+        for transposed in (False, True)
+        for strategy, p in (("merged", 0.0), ("addmm", 0.0), ("auto", 0.1))
+    ]
+    gen = torch.Generator(device=device).manual_seed(1234)
+    for dtype, train, transposed, strategy, p in cases:
+        in_f, out_f, r = (1024, 3072, 16) if not transposed else (2048, 768, 8)
+        x = torch.randn(tokens // 2, 2, in_f, device=device, generator=gen).to(dtype)
+        w_shape = (in_f, out_f) if transposed else (out_f, in_f)
+        w = (torch.randn(w_shape, device=device, generator=gen) / in_f**0.5).to(dtype)
+        bias = torch.randn(out_f, device=device, generator=gen).to(dtype)
+        a = torch.randn(r, in_f, device=device, generator=gen) / in_f**0.5
+        b = torch.randn(out_f, r, device=device, generator=gen) * 0.1
+        g = torch.randn(tokens // 2, 2, out_f, device=device, generator=gen).to(dtype)
+        mask = dropout_mask(x, p) if p > 0 else None
+
+        def run(
+            fn,
+            cast,
+            x=x,
+            w=w,
+            bias=bias,
+            a=a,
+            b=b,
+            g=g,
+            mask=mask,
+            p=p,
+            train=train,
+            transposed=transposed,
+            **kw,
+        ):
+            xs = x.detach().to(cast).clone().requires_grad_(True)
+            factor = torch.float64 if cast == torch.float64 else torch.float32
+            a_ = a.detach().to(factor).clone().requires_grad_("A" in train)
+            b_ = b.detach().to(factor).clone().requires_grad_("B" in train)
+            y = fn(xs, w.to(cast), bias.to(cast), a_, b_, 2.0, p, p > 0, transposed, dropout_mask=mask, **kw)
+            y.backward(g.to(cast))
+            return [y, xs.grad, a_.grad, b_.grad]
+
+        got = run(lora_linear, dtype, strategy=strategy)
+        want = run(reference_lora_linear, torch.float64)
+        errs = {}
+        for name, gt, wt in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
+            if wt is None:
+                errs[name] = None if gt is None else float("inf")
+                continue
+            errs[name] = _rel(gt, wt) if torch.isfinite(gt).all() else float("inf")
+        worst = max(e for e in errs.values() if e is not None)
+        passed = worst <= CHECK_TOL[dtype]
+        ok &= passed
+        results.append(
+            {
+                "dtype": str(dtype),
+                "train": train,
+                "conv1d": transposed,
+                "strategy": strategy,
+                "dropout": p,
+                "rel_err": errs,
+                "pass": passed,
+            }
+        )
+    return {"ok": ok, "cases": results}
+
+
+def compile_check(device: str) -> dict:
+    """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager."""
+    import lorakit
+
+    spec = Spec(layers=1, hidden=1024, intermediate=4096, heads=16, kv_heads=4, batch=2, seq=512)
+    model = build_model(spec, device)
+    model.requires_grad_(False)
+    lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS))
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B.normal_(0, 1e-2)
+    block = model.model.layers[0]
+    x = torch.randn(
+        spec.batch, spec.seq, spec.hidden, device=device, dtype=torch.bfloat16, requires_grad=True
+    )
+    pos = torch.arange(spec.seq, device=device)[None].expand(spec.batch, -1)
+    rope = model.model.rotary_emb(x, pos)
+
+    def run(fn: Callable) -> list[torch.Tensor]:
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        out = fn(x, position_embeddings=rope)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        return [out.detach(), x.grad.clone()] + [g.clone() for g in grads]
+
+    try:
+        eager = run(block)
+        compiled = run(torch.compile(block, fullgraph=True))
+        errs = [_rel(c, e) for c, e in zip(compiled, eager, strict=True)]
+        return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs)}
+    except Exception as error:  # report, don't crash the benchmark
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+
+
+# ----------------------------------------------------------------------------------------------- models
+def build_model(spec: Spec, device: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        vocab_size=spec.vocab,
+        max_position_embeddings=spec.seq,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.train()
+
+
+def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.Module:
+    """Add the variant's adapters; lora_B gets small random values everywhere (no GEMM on zeros)."""
+    model.requires_grad_(False)
+    gen = torch.Generator(device="cpu").manual_seed(42)
+    if variant == "no-adapter":
+        model.enable_input_require_grads()  # frozen forward + input-gradient backward
+        return model
+    if variant.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=TARGETS, lora_dropout=0.0)
+        model = get_peft_model(model, cfg, autocast_adapter_dtype=(variant == "peft-default"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 1e-3)
+                if "lora_A" in name and variant.endswith("frozenA"):
+                    param.requires_grad_(False)
+        return model
+    import lorakit
+
+    frozen_a = variant == "lorakit-frozenA"
+    cfg = lorakit.LoraConfig(
+        r=spec.rank,
+        alpha=spec.alpha,
+        targets=TARGETS,
+        init="orthonormal-a" if frozen_a else "lora",
+        train="B" if frozen_a else "AB",
+        kernel="reference" if variant == "lorakit-reference" else "fused",
+    )
+    lorakit.inject(model, cfg)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 1e-3)
+    return model
+
+
+def describe_dtypes(model: torch.nn.Module) -> dict:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def make_step(
+    model: torch.nn.Module, ids: torch.Tensor, compiled: bool
+) -> tuple[Callable[[], float], object]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> float:
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, opt
+
+
+def timed(step: Callable, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(
+    spec: Spec,
+    variant: str,
+    compiled: bool,
+    device: str,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    profile_to: Path | None = None,
+) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    fused.USE_TRITON = variant != "lorakit-notriton"
+    model = apply_variant(build_model(spec, device), variant, spec)
+    info = describe_dtypes(model)
+    ids = torch.randint(
+        0,
+        spec.vocab,
+        (spec.batch, spec.seq),
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(7),
+    )
+    step, opt = make_step(model, ids, compiled)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss0 = float(step())
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    runs = [timed(step, steps) for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile_to is not None:
+        profile_steps(step, profile_to, f"{variant} {'compiled' if compiled else 'eager'}")
+    tokens = spec.batch * spec.seq
+    all_times = [t for run in runs for t in run]
+    med = statistics.median(all_times)
+    result = {
+        "variant": variant,
+        "mode": "compile" if compiled else "eager",
+        "spec": asdict(spec),
+        "tok_per_s": tokens / med,
+        "step_ms": med * 1e3,
+        "runs_tok_per_s": [tokens / statistics.median(run) for run in runs],
+        "peak_gib": peak,
+        "first_step_s": first_step_s,
+        "first_loss": loss0,
+        "steps_per_run": steps,
+        **info,
+    }
+    del step, opt, model
+    return result
+
+
+def profile_steps(step: Callable, path: Path, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(f"\n### {title} (2 steps)\n{table}\n")
+
+
+# ----------------------------------------------------------------------------------------------- micro
+def micro(device: str, tokens: int, rank: int) -> list[dict]:
+    """One adapted projection, fwd+bwd, bf16, Llama-2048 shapes: base only vs fused vs reference."""
+    from triton.testing import do_bench
+
+    rows = []
+    shapes = {"q/o": (2048, 2048), "k/v": (2048, 512), "gate/up": (2048, 8192), "down": (8192, 2048)}
+    for name, (in_f, out_f) in shapes.items():
+        x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) / in_f**0.5
+        g = torch.randn(tokens, out_f, device=device, dtype=torch.bfloat16)
+        row = {"proj": name, "in": in_f, "out": out_f, "tokens": tokens}
+        for train in ("AB", "B"):
+            a = (torch.randn(rank, in_f, device=device) / in_f**0.5).requires_grad_("A" in train)
+            b = (torch.randn(out_f, rank, device=device) * 1e-3).requires_grad_(True)
+
+            def bench(fn: Callable, tensors: tuple = (x, w, a, b, g)) -> float:
+                xx, ww, aa, bb, gg = tensors
+
+                def go() -> None:
+                    fn(xx, ww, None, aa, bb, 2.0).backward(gg)
+                    xx.grad = aa.grad = bb.grad = None
+
+                return do_bench(go, warmup=25, rep=100, return_mode="median")
+
+            row["base_ms"] = bench(lambda x_, w_, *_: torch.nn.functional.linear(x_, w_))
+            row[f"fused_{train}_ms"] = bench(lora_linear)
+            row[f"addmm_{train}_ms"] = bench(partial(lora_linear, strategy="addmm"))
+            row[f"reference_{train}_ms"] = bench(reference_lora_linear)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- report
+def add_ratios(runs: list[dict]) -> None:
+    def find(variant: str, mode: str, spec: dict, sweep: str | None) -> dict | None:
+        return next(
+            (
+                r
+                for r in runs
+                if r["variant"] == variant
+                and r["mode"] == mode
+                and r["spec"] == spec
+                and r.get("sweep") == sweep
+            ),
+            None,
+        )
+
+    for run in runs:
+        for key, other in (
+            ("vs_peft_bf16", "peft-bf16"),
+            ("vs_no_adapter", "no-adapter"),
+            ("vs_peft_default", "peft-default"),
+        ):
+            ref = find(other, run["mode"], run["spec"], run.get("sweep"))
+            run[key] = run["tok_per_s"] / ref["tok_per_s"] if ref else None
+        peer = find(PEER.get(run["variant"], ""), run["mode"], run["spec"], run.get("sweep"))
+        run["peak_vs_peer"] = run["peak_gib"] / peer["peak_gib"] if peer else None
+        if run["variant"] in TARGET_VS_NONE and run["vs_no_adapter"] is not None:
+            run["target_vs_no_adapter"] = TARGET_VS_NONE[run["variant"]]
+            run["meets_target"] = run["vs_no_adapter"] >= TARGET_VS_NONE[run["variant"]]
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(runs: list[dict]) -> str:
+    head = (
+        "| mode | variant | tok/s | runs tok/s | step ms | peak GiB | × PEFT-bf16 | × PEFT default "
+        "| × no-adapter | target × no-adapter | peak ÷ PEFT peer |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in runs:
+        target = ""
+        if "target_vs_no_adapter" in r:
+            target = f"≥ {r['target_vs_no_adapter']:.2f}: {'met' if r['meets_target'] else 'MISSED'}"
+        lines.append(
+            f"| {r['mode']} | {r['variant']} | {r['tok_per_s'] / 1e3:.1f}k | "
+            + " / ".join(f"{v / 1e3:.1f}k" for v in r["runs_tok_per_s"])
+            + f" | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {_fmt(r['vs_peft_bf16'])}"
+            f" | {_fmt(r['vs_peft_default'])}"
+            f" | {_fmt(r['vs_no_adapter'])} | {target} | {_fmt(r['peak_vs_peer'])} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def sweep_table(rows: list[dict]) -> str:
+    head = (
+        "| sweep | layers | hidden | rank | variant | tok/s | step ms | peak GiB "
+        "| × no-adapter | × PEFT-bf16 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = [
+        f"| {r['sweep']} | {r['spec']['layers']} | {r['spec']['hidden']} | {r['spec']['rank']} "
+        f"| {r['variant']} | {r['tok_per_s'] / 1e3:.1f}k | {r['step_ms']:.1f} | {r['peak_gib']:.2f} "
+        f"| {_fmt(r['vs_no_adapter'])} | "
+        f"{_fmt(r['vs_peft_bf16'])} |"
+        for r in rows
+    ]
+    return head + "\n".join(body) + "\n"
+
+
+def micro_table(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k.endswith("_ms")]
+    head = "| proj (in→out) | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    body = [
+        f"| {r['proj']} ({r['in']}→{r['out']}) | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |"
+        for r in rows
+    ]
+    return head + "\n".join(body) + "\n"
+
+
+def environment(device: str) -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    with contextlib.suppress(ImportError):
+        import triton
+
+        env["triton"] = triton.__version__
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = Spec()
+    for field in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq", "rank"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(d, field))
+    parser.add_argument("--alpha", type=float, default=d.alpha)
+    parser.add_argument("--modes", default="eager,compile", help="comma list of eager, compile")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + EXTRA_VARIANTS}"
+    )
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant")
+    parser.add_argument("--sweep", default="", help="comma list of size, rank (eager, --sweep-layers layers)")
+    parser.add_argument("--sweep-layers", type=int, default=4)
+    parser.add_argument("--micro", action="store_true", help="per-projection fwd+bwd micro-benchmark")
+    parser.add_argument("--profile", action="store_true", help="profiler tables for eager runs (profile.txt)")
+    parser.add_argument("--skip-check", action="store_true", help="do not check (then lorakit is not timed)")
+    parser.add_argument("--out", default="out/throughput.json")
+    parser.add_argument("--results", default="benchmarks/RESULTS.md")
+    parser.add_argument("--title", default="", help="heading of the appended RESULTS.md section")
+    parser.add_argument("--render", default="", help="only append the table of this saved JSON to --results")
+    parser.add_argument("--compile-check", action="store_true", help="fullgraph compile of one adapted block")
+    return parser.parse_args(argv)
+
+
+def render(report: dict) -> str:
+    """Markdown section for RESULTS.md from a report (also usable on a saved JSON, see --render)."""
+    settings = report["settings"]
+    env = report["env"]
+    text = [
+        f"\n## {settings['title'] or 'Throughput run'} ({env['date']})\n",
+        f"GPU: {env['gpu']}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
+        f"peft {env['peft']}, triton {env.get('triton', '–')}.\n",
+        f"Command: `{env['command']}`\n",
+        f"Model: random-init Llama {json.dumps(settings['spec'])}, bf16, AdamW, "
+        f"LoRA on {', '.join(TARGETS)}. tok/s = batch·seq / median step time over "
+        f"{settings['repeats']}×{settings['steps']} timed steps after {settings['warmup']} warm-up steps, "
+        "CUDA-synchronised per step.\n",
+    ]
+    if "check" in report:
+        worst = {}
+        for case in report["check"]["cases"]:
+            errs = [e for e in case["rel_err"].values() if e is not None]
+            worst[case["dtype"]] = max(worst.get(case["dtype"], 0.0), max(errs))
+        text.append(
+            f"Correctness check (fused vs float64 reference, {len(report['check']['cases'])} cases): "
+            f"{'PASS' if report['check']['ok'] else 'FAIL'}; worst rel. err "
+            + ", ".join(f"{k}: {v:.2e}" for k, v in worst.items())
+            + "\n"
+        )
+    if report["runs"]:
+        text.append("\n" + table(report["runs"]))
+    if report["micro"]:
+        text.append(
+            "\nPer-projection forward+backward, bf16, T = batch·seq (ms, do_bench median):\n\n"
+            + micro_table(report["micro"])
+        )
+    if report["sweeps"]:
+        text.append(
+            f"\nSweeps (eager, {settings['sweep_layers']} layers, same tokens per step):\n\n"
+            + sweep_table(report["sweeps"])
+        )
+    if report.get("compile_check"):
+        text.append(f"\nfullgraph compile check: {report['compile_check']}\n")
+    return "".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        add_ratios(report["runs"])
+        add_ratios(report["sweeps"])
+        text = render(report)
+        results = Path(args.results)
+        previous = results.read_text(encoding="utf-8") if results.exists() else "# Throughput results\n"
+        with atomic_write(results) as handle:
+            handle.write(previous + text)
+        print(text)
+        return 0
+    if not torch.cuda.is_available():
+        LOG.error("throughput.py needs a CUDA GPU")
+        return 2
+    device = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    spec = Spec(**{k: getattr(args, k) for k in asdict(Spec())})
+    out = Path(args.out)
+    settings = {
+        "title": args.title,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "sweep_layers": args.sweep_layers,
+        "spec": asdict(spec),
+    }
+    report: dict = {"env": environment(device), "settings": settings, "runs": [], "sweeps": [], "micro": []}
+    LOG.info("environment %s", report["env"])
+
+    lorakit_ok = False
+    if not args.skip_check:
+        report["check"] = check_fused(device)
+        lorakit_ok = report["check"]["ok"]
+        for case in report["check"]["cases"]:
+            LOG.info("check %s", case)
+        if not lorakit_ok:
+            LOG.error(
+                "REFUSING to time lorakit: fused outputs/gradients disagree with the reference (see check)"
+            )
+    if args.compile_check and lorakit_ok:
+        report["compile_check"] = compile_check(device)
+        LOG.info("compile check: %s", report["compile_check"])
+    atomic_write_json(out, report)
+    variants = [v for v in args.variants.split(",") if v]
+    variants = [v for v in variants if lorakit_ok or not v.startswith("lorakit")]
+    profile_path = out.with_name("profile.txt") if args.profile else None
+
+    if args.micro and lorakit_ok:
+        report["micro"] = micro(device, spec.batch * spec.seq, spec.rank)
+        LOG.info("micro\n%s", micro_table(report["micro"]))
+    for mode in [m for m in args.modes.split(",") if m]:
+        for variant in variants:
+            prof = (
+                profile_path
+                if (mode == "eager" and variant in ("no-adapter", "peft-bf16", "lorakit"))
+                else None
+            )
+            result = measure(
+                spec, variant, mode == "compile", device, args.warmup, args.steps, args.repeats, prof
+            )
+            report["runs"].append(result)
+            add_ratios(report["runs"])
+            LOG.info(
+                "%s %s: %.1fk tok/s, %.1f ms, %.2f GiB (first step %.1f s)",
+                mode,
+                variant,
+                result["tok_per_s"] / 1e3,
+                result["step_ms"],
+                result["peak_gib"],
+                result["first_step_s"],
+            )
+            atomic_write_json(out, report)
+
+    for sweep in [s for s in args.sweep.split(",") if s]:
+        settings = (
+            [
+                replace(
+                    spec,
+                    layers=args.sweep_layers,
+                    hidden=h,
+                    intermediate=4 * h,
+                    heads=h // 64,
+                    kv_heads=h // 256,
+                )
+                for h in (1024, 2048, 4096)
+            ]
+            if sweep == "size"
+            else [replace(spec, layers=args.sweep_layers, rank=r) for r in (8, 16, 64)]
+        )
+        for setting in settings:
+            names = ["no-adapter", "peft-bf16"] + (["lorakit", "lorakit-frozenA"] if lorakit_ok else [])
+            for variant in names:
+                result = measure(setting, variant, False, device, 3, max(args.steps, 20), 1)
+                result["sweep"] = sweep
+                report["sweeps"].append(result)
+                add_ratios(report["sweeps"])
+                LOG.info(
+                    "sweep %s %s %s: %.1fk tok/s", sweep, asdict(setting), variant, result["tok_per_s"] / 1e3
+                )
+                atomic_write_json(out, report)
+
+    text = render(report)
+    results = Path(args.results)
+    previous = results.read_text(encoding="utf-8") if results.exists() else "# Throughput results\n"
+    with atomic_write(results) as handle:
+        handle.write(previous + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

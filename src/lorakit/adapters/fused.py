@@ -1,0 +1,311 @@
+"""Fused LoRA linear: one ``torch.autograd.Function`` for ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") adds ``ΔW = s · B A`` to a
+frozen weight ``W0``, with ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``. The FLOPs of the update are tiny (r ≪ in,
+out); what costs time in an unfused implementation (PEFT's) is memory traffic over the T×in and T×out
+activations: the LoRA path re-reads ``x``, writes a T×out product, scales it, adds it to the base output,
+and in the backward pass reads ``dY`` twice more and re-writes ``dX``.
+
+Gradients (``xd = dropout(x)``, ``G = dY``, ``u = xd Aᵀ`` of shape T×r):
+
+    dX = G W0 + s · (G B) A ⊙ mask / (1 − p)
+    dA = s · (G B)ᵀ xd
+    dB = s · Gᵀ u
+
+Two strategies compute exactly this function; ``lora_linear`` picks the one that moves fewer bytes:
+
+* ``"merged"`` (no dropout, many tokens): build ``W = W0 + s · B A`` in the activation dtype with one
+  rank-r ``addmm`` (reads and writes out×in once) and run the base GEMM on it, forward ``y = x Wᵀ + b``
+  and backward ``dX = G W``. The LoRA term rides inside the base GEMM's fp32 accumulation: no extra pass
+  over any T×out or T×in activation. ``W`` is rebuilt in backward instead of saved (saving it would
+  cost a copy of every adapted weight in memory). Rounding ``W0 + ΔW`` once to bf16 perturbs the output
+  by about one bf16 ulp of ``|y|``, the same order as rounding the base output and the LoRA term
+  separately as the unfused path does.
+* ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, (sB)ᵀ)``
+  accumulated in place; in backward ``dX = G W0`` then ``dX.addmm_(G B, A)`` in place.
+
+Both save ``x`` only when ``A`` is trainable and ``u = x Aᵀ`` (T×r) only when ``B`` is trainable, compute
+``dA``/``dB`` only for trainable factors, keep ``A``/``B`` as float32 masters and cast only these r-sized
+factors to ``x``'s dtype (never ``x`` up). Everything is plain torch ops, so ``torch.compile`` traces the
+Function without graph breaks. :func:`reference_lora_linear` is the unfused math, used as the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.adapters import triton_lora
+
+# Set LORAKIT_TRITON=0 (or this flag to False) to use torch.addmm for the merged weight on CUDA too.
+USE_TRITON = os.environ.get("LORAKIT_TRITON", "1") != "0"
+STRATEGIES = ("auto", "merged", "addmm")
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep-mask of ``x``'s shape, each element kept with probability ``1 − p``.
+
+    Shared by the fused and the reference path, so both draw the same mask from the same torch seed.
+    """
+    return torch.empty_like(x).bernoulli_(1.0 - p).bool()
+
+
+def _apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.where(mask, x * (1.0 / (1.0 - p)), 0)
+
+
+def _check_shapes(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    transposed_weight: bool,
+) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+    in_f, out_f = weight.shape if transposed_weight else weight.shape[::-1]
+    layout = "(in, out) for transposed_weight=True" if transposed_weight else "(out, in)"
+    if x.shape[-1] != in_f:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, weight {layout} expects {in_f}")
+    r = lora_A.shape[0]
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_linear: lora_A must be (r, in) = (r, {in_f}), got {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_linear: lora_B must be (out, r) = ({out_f}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"lora_linear: bias must be (out,) = ({out_f},), got {tuple(bias.shape)}")
+    return in_f, out_f
+
+
+def _merged_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, transposed: bool
+) -> torch.Tensor:
+    """``W0 + s · B A`` in W0's layout and dtype, reading and writing the weight once.
+
+    On CUDA with Triton: one kernel over the float32 masters (:mod:`lorakit.adapters.triton_lora`);
+    otherwise a rank-r ``torch.addmm`` on the factors cast to W0's dtype.
+    """
+    if USE_TRITON and triton_lora.AVAILABLE and weight.is_cuda:
+        if transposed:
+            return triton_lora.merge_lora_weight(weight, lora_A.t(), lora_B.t(), scaling)
+        return triton_lora.merge_lora_weight(weight, lora_B, lora_A, scaling)
+    a = lora_A.to(weight.dtype)
+    bs = (lora_B * scaling).to(weight.dtype)
+    if transposed:
+        return torch.addmm(weight, a.t(), bs.t())
+    return torch.addmm(weight, bs, a)
+
+
+def _base(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    if transposed:
+        return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+    return F.linear(x2, weight, bias)
+
+
+def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return g @ (weight.t() if transposed else weight)
+
+
+def _use_merged(strategy: str, tokens: int, in_f: int, out_f: int, has_mask: bool) -> bool:
+    """Merged costs ~2·out·in bytes per pass; in-place accumulation ~T·(in + out). Pick the smaller."""
+    if strategy == "merged":
+        if has_mask:
+            raise ValueError("lora_linear: strategy='merged' cannot apply dropout; use 'addmm' or 'auto'")
+        return True
+    if strategy == "addmm" or has_mask:
+        return False
+    return tokens * (in_f + out_f) >= 2 * in_f * out_f
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """Forward/backward of the LoRA linear; see the module docstring for the formulas."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+        dropout_p: float,
+        transposed: bool,
+        merged: bool,
+        need_dx: bool,
+        train_a: bool,
+        train_b: bool,
+    ) -> torch.Tensor:
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        mask2 = None if mask is None else mask.reshape(x2.shape)
+        u = None
+        if merged:
+            y = _base(x2, _merged_weight(weight, lora_A, lora_B, scaling, transposed), bias, transposed)
+            if train_b:
+                u = x2 @ lora_A.to(dtype).t()
+        else:
+            # Cast the r-sized factors, never x; fold s into B (out×r, the cheapest place for it).
+            a = lora_A.to(dtype)
+            bs = (lora_B * scaling).to(dtype)
+            y = _base(x2, weight, bias, transposed)
+            u = (x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)) @ a.t()
+            y.addmm_(u, bs.t())
+        ctx.save_for_backward(x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B)
+        ctx.flags = (scaling, dropout_p, transposed, merged, need_dx, train_a, train_b)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, u, mask2, weight, lora_A, lora_B = ctx.saved_tensors
+        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b = ctx.flags
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        dtype = g.dtype
+        dx = d_a = d_b = None
+        gb = None
+        if train_a or (need_dx and not merged):
+            gb = g @ (lora_B * scaling).to(dtype)  # G (sB), T×r
+        if need_dx:
+            if merged:
+                dx = _input_grad(g, _merged_weight(weight, lora_A, lora_B, scaling, transposed), transposed)
+            else:
+                dx = _input_grad(g, weight, transposed)
+                if mask2 is None:
+                    dx.addmm_(gb, lora_A.to(dtype))
+                else:
+                    dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
+            dx = dx.reshape(ctx.x_shape)
+        if train_a:
+            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
+            d_a = (gb.t() @ xd).to(lora_A.dtype)
+        if train_b:
+            d_b = (g.t() @ u).to(lora_B.dtype) * scaling
+        return dx, None, None, d_a, d_b, None, None, None, None, None, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    transposed_weight: bool = False,
+    *,
+    dropout_mask: torch.Tensor | None = None,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` in ``x``'s dtype.
+
+    Args:
+        x: input (..., in).
+        weight: frozen base weight, (out, in) as in ``nn.Linear``, or (in, out) for GPT-2 ``Conv1D`` with
+            ``transposed_weight=True``.
+        bias: frozen base bias (out,) or None.
+        lora_A: (r, in) float32 master factor, trainable (``requires_grad``) or frozen.
+        lora_B: (out, r) float32 master factor, trainable or frozen.
+        scaling: the scale ``s`` (α/r or α/√r).
+        dropout_p: dropout probability on the LoRA path's input; applied only when ``training``.
+        training: whether dropout is active.
+        transposed_weight: ``weight`` is stored (in, out).
+        dropout_mask: optional boolean keep-mask of ``x``'s shape (drawn with :func:`dropout_mask` if None);
+            lets a caller reproduce the exact mask, e.g. to compare with :func:`reference_lora_linear`.
+        strategy: ``"auto"`` (fewest bytes moved), ``"merged"`` or ``"addmm"`` (see module docstring).
+
+    Returns:
+        (..., out) tensor in ``x.dtype``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"lora_linear: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+    in_f, out_f = _check_shapes(x, weight, bias, lora_A, lora_B, transposed_weight)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        # The fused path assumes a frozen base; a trainable base goes through plain autograd.
+        return reference_lora_linear(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            scaling,
+            dropout_p,
+            training,
+            transposed_weight,
+            dropout_mask=dropout_mask,
+        )
+    mask = None
+    if training and dropout_p > 0.0:
+        mask = _dropout_mask_arg(x, dropout_p, dropout_mask)
+    tokens = x.numel() // in_f
+    merged = _use_merged(strategy, tokens, in_f, out_f, mask is not None)
+    grad_on = torch.is_grad_enabled()
+    need_dx = grad_on and x.requires_grad
+    train_a = grad_on and lora_A.requires_grad
+    train_b = grad_on and lora_B.requires_grad
+    return _LoraLinearFunction.apply(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        mask,
+        float(scaling),
+        float(dropout_p),
+        bool(transposed_weight),
+        merged,
+        need_dx,
+        train_a,
+        train_b,
+    )
+
+
+def _dropout_mask_arg(x: torch.Tensor, p: float, given: torch.Tensor | None) -> torch.Tensor:
+    if given is None:
+        return dropout_mask(x, p)
+    if given.shape != x.shape or given.dtype != torch.bool:
+        raise ValueError(
+            f"lora_linear: dropout_mask must be a bool tensor of x's shape {tuple(x.shape)}, "
+            f"got {given.dtype} {tuple(given.shape)}"
+        )
+    return given
+
+
+def reference_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    transposed_weight: bool = False,
+    *,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch LoRA linear (three GEMMs and an add; autograd does the backward).
+
+    ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``; the factors are cast to ``x``'s dtype. The dropout mask is
+    ``dropout_mask`` if given, else drawn by :func:`dropout_mask` (the same draw as :func:`lora_linear`).
+    """
+    _check_shapes(x, weight, bias, lora_A, lora_B, transposed_weight)
+    dtype = x.dtype
+    w = weight.to(dtype)
+    base = F.linear(x, w.t() if transposed_weight else w, None if bias is None else bias.to(dtype))
+    xd = x
+    if training and dropout_p > 0.0:
+        xd = _apply_mask(x, _dropout_mask_arg(x, dropout_p, dropout_mask), dropout_p)
+    lora = F.linear(F.linear(xd, lora_A.to(dtype)), lora_B.to(dtype))
+    return base + lora * scaling

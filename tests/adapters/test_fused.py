@@ -1,0 +1,171 @@
+"""The fused LoRA Function against the plain PyTorch reference (CPU): outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.adapters.fused import dropout_mask, lora_linear, reference_lora_linear
+
+IN, OUT, R = 12, 10, 4
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(dtype: torch.dtype, train: str, transposed: bool, bias: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, IN, generator=g, dtype=dtype)
+    weight = torch.randn(*((IN, OUT) if transposed else (OUT, IN)), generator=g, dtype=dtype) / IN**0.5
+    b = torch.randn(OUT, generator=g, dtype=dtype) if bias else None
+    # Factors are float32 masters in lorakit; in the float64 check they are float64 so both paths are exact.
+    factor_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lora_a = torch.randn(R, IN, generator=g, dtype=factor_dtype) / IN**0.5
+    lora_b = torch.randn(OUT, R, generator=g, dtype=factor_dtype)
+    lora_a.requires_grad_("A" in train)
+    lora_b.requires_grad_("B" in train)
+    x.requires_grad_(True)
+    grad_out = torch.randn(3, 5, OUT, generator=g, dtype=dtype)
+    return x, weight, b, lora_a, lora_b, grad_out
+
+
+def run(fn, x, weight, b, lora_a, lora_b, grad_out, p, transposed, mask, **kwargs):
+    xs, a_, b_ = (t.detach().clone().requires_grad_(t.requires_grad) for t in (x, lora_a, lora_b))
+    y = fn(xs, weight, b, a_, b_, 2.0, p, p > 0, transposed, dropout_mask=mask, **kwargs)
+    y.backward(grad_out)
+    return y.detach(), xs.grad, a_.grad, b_.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", ["AB", "B", "A"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize(("p", "strategy"), [(0.0, "merged"), (0.0, "addmm"), (0.0, "auto"), (0.3, "auto")])
+def test_fused_matches_reference(dtype, train, transposed, p, strategy):
+    inputs = make_inputs(dtype, train, transposed, bias=not transposed, seed=len(train) + 7 * transposed)
+    x = inputs[0]
+    mask = dropout_mask(x, p) if p > 0 else None
+    got = run(lora_linear, *inputs, p, transposed, mask, strategy=strategy)
+    want = run(reference_lora_linear, *inputs, p, transposed, mask)
+    if mask is not None:
+        assert 0 < mask.sum() < mask.numel()
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
+        if w is None:
+            assert g is None, f"{name}: frozen factor got a gradient"
+            continue
+        assert g.dtype == w.dtype, name
+        assert rel_err(g, w) <= TOL[dtype], f"{name}: rel err {rel_err(g, w):.3g}"
+    assert (got[2] is None) == ("A" not in train) and (got[3] is None) == ("B" not in train)
+
+
+def test_same_seed_same_dropout_mask():
+    x, weight, b, lora_a, lora_b, grad_out = make_inputs(torch.float64, "AB", False, True, seed=3)
+    torch.manual_seed(11)
+    got = run(lora_linear, x, weight, b, lora_a, lora_b, grad_out, 0.5, False, None)
+    torch.manual_seed(11)
+    want = run(reference_lora_linear, x, weight, b, lora_a, lora_b, grad_out, 0.5, False, None)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= 1e-10
+    # Dropout really acts: without it the LoRA gradient differs.
+    plain = run(lora_linear, x, weight, b, lora_a, lora_b, grad_out, 0.0, False, None)
+    assert rel_err(plain[2], want[2]) > 1e-3
+
+
+def test_eval_mode_ignores_dropout_and_no_grad_path():
+    x, weight, b, lora_a, lora_b, _ = make_inputs(torch.float64, "AB", False, True, seed=5)
+    ref = reference_lora_linear(x, weight, b, lora_a, lora_b, 2.0)
+    got = lora_linear(x, weight, b, lora_a, lora_b, 2.0, dropout_p=0.5, training=False)
+    assert rel_err(got, ref) <= 1e-10
+    with torch.no_grad():
+        got = lora_linear(x, weight, b, lora_a, lora_b, 2.0, strategy="merged")
+    assert not got.requires_grad and rel_err(got, ref) <= 1e-10
+
+
+def test_trainable_base_falls_back_to_autograd():
+    x, weight, b, lora_a, lora_b, grad_out = make_inputs(torch.float64, "AB", False, True, seed=6)
+    weight.requires_grad_(True)
+    lora_linear(x, weight, b, lora_a, lora_b, 2.0).backward(grad_out)
+    assert weight.grad is not None and lora_a.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lora_A": torch.zeros(R, IN + 1)}, "lora_A"),
+        ({"lora_B": torch.zeros(OUT, R + 1)}, "lora_B"),
+        ({"bias": torch.zeros(OUT + 1)}, "bias"),
+        ({"dropout_p": 1.0}, "dropout_p"),
+        ({"strategy": "fast"}, "strategy"),
+        ({"dropout_p": 0.2, "training": True, "strategy": "merged"}, "merged"),
+        (
+            {"dropout_p": 0.2, "training": True, "dropout_mask": torch.ones(2, 2, dtype=torch.bool)},
+            "dropout_mask",
+        ),
+    ],
+)
+def test_bad_input_raises(kwargs, match):
+    args = {
+        "x": torch.randn(2, IN),
+        "weight": torch.randn(OUT, IN),
+        "bias": None,
+        "lora_A": torch.zeros(R, IN),
+        "lora_B": torch.zeros(OUT, R),
+        "scaling": 1.0,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        lora_linear(**args)
+
+
+class _Block(nn.Module):
+    """Two chained LoRA linears with an activation, like an MLP with adapters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(OUT, IN, generator=g), requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(OUT, IN, generator=g), requires_grad=False)  # Conv1D layout
+        self.a1 = nn.Parameter(torch.randn(R, IN, generator=g))
+        self.b1 = nn.Parameter(torch.randn(OUT, R, generator=g))
+        self.register_buffer("a2", torch.randn(R, OUT, generator=g))  # frozen A
+        self.b2 = nn.Parameter(torch.randn(IN, R, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(lora_linear(x, self.w1, None, self.a1, self.b1, 0.5))
+        return lora_linear(h, self.w2, None, self.a2, self.b2, 0.5, transposed_weight=True, strategy="addmm")
+
+
+def test_compile_fullgraph_matches_eager():
+    block = _Block()
+    x = torch.randn(4, 6, IN, requires_grad=True)
+    eager_out = block(x)
+    eager_out.square().sum().backward()
+    eager = [x.grad.clone()] + [p.grad.clone() for p in (block.a1, block.b1, block.b2)]
+    x.grad = None
+    block.zero_grad()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    assert rel_err(out, eager_out) <= 1e-5
+    for g, w in zip([x.grad] + [p.grad for p in (block.a1, block.b1, block.b2)], eager, strict=True):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_injected_layers_fused_equals_reference_kernel():
+    """Through lorakit.inject: kernel="fused" (this module) and kernel="reference" give the same grads."""
+    import lorakit
+
+    grads = {}
+    for kernel in ("fused", "reference"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN, OUT), nn.Tanh(), nn.Linear(OUT, IN)).double()
+        cfg = lorakit.LoraConfig(r=R, alpha=8, targets=["0", "2"], init="gaussian-b", kernel=kernel)
+        lorakit.inject(model, cfg)
+        x = torch.randn(7, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        model(x).square().sum().backward()
+        grads[kernel] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["fused"].keys() == grads["reference"].keys() and len(grads["fused"]) == 4
+    for name, g in grads["fused"].items():
+        assert rel_err(g, grads["reference"][name]) <= 1e-10, name
