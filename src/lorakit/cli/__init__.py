@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("advisor", "analyze")
 
 
 class LorakitError(Exception):
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    for module_name in dict.fromkeys(COMMAND_MODULES):  # ordered, without duplicates
         importlib.import_module(f"lorakit.cli.{module_name}").register(subparsers)
     return parser
 

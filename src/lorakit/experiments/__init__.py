@@ -1,0 +1,1 @@
+"""Paper reproductions dispatched by ``lorakit reproduce NAME`` (one module per experiment)."""

@@ -1,0 +1,158 @@
+"""LoRA-rank thresholds for exact representation (Zeng & Lee, ICLR 2024, Theorems 3-5).
+
+A frozen ReLU FNN with L layers represents a target FNN with L̄ <= L layers (same width D) once the layers
+are split into L̄ consecutive groups P_1 .. P_L̄ and
+
+    R >= max_i ceil( rank(W̄_i - prod_{l in P_i} W_l) / |P_i| ).
+
+The uniform partition uses M = floor(L / L̄) layers per group (the last group takes the leftovers); since
+every rank is <= D it needs at most ``ceil(D / M)``, the paper's headline "width x depth(f̄) / depth(f)"
+(``ceil(D L̄ / L)``, which equals ``ceil(D / M)`` when L̄ divides L). A better partition puts more layers
+where the frozen group is far from its target layer; :func:`best_partition` finds the consecutive
+partition minimising the required rank by dynamic programming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from lorakit.theory.linear import product
+
+
+def numerical_rank(matrix: Tensor, rtol: float | None = None) -> int:
+    """Number of singular values above ``rtol * σ_1`` (default ``max(shape) * eps`` of the dtype)."""
+    matrix = torch.as_tensor(matrix)
+    if not matrix.is_floating_point():
+        matrix = matrix.to(torch.float64)
+    S = torch.linalg.svdvals(matrix)
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0
+    if rtol is None:
+        rtol = max(matrix.shape) * torch.finfo(matrix.dtype).eps
+    return int((rtol * S[0] < S).sum())
+
+
+def headline_rank(width: int, target_depth: int, frozen_depth: int) -> int:
+    """The abstract's threshold ``ceil(D · L̄ / L)`` (width x depth of target / depth of frozen model)."""
+    _check_depths(target_depth, frozen_depth)
+    return math.ceil(width * target_depth / frozen_depth)
+
+
+def uniform_partition(frozen_depth: int, target_depth: int) -> list[int]:
+    """Group sizes of the uniform partition: ``M = floor(L / L̄)`` each, the last group takes the rest."""
+    _check_depths(target_depth, frozen_depth)
+    size = frozen_depth // target_depth
+    sizes = [size] * target_depth
+    sizes[-1] += frozen_depth - size * target_depth
+    return sizes
+
+
+def uniform_rank(width: int, target_depth: int, frozen_depth: int) -> int:
+    """Rank that always suffices with the uniform partition: ``ceil(D / floor(L / L̄))``."""
+    _check_depths(target_depth, frozen_depth)
+    return math.ceil(width / (frozen_depth // target_depth))
+
+
+def _check_depths(target_depth: int, frozen_depth: int) -> None:
+    if target_depth < 1 or frozen_depth < target_depth:
+        raise ValueError(
+            f"depths: expected 1 <= target depth <= frozen depth, got target {target_depth}, "
+            f"frozen {frozen_depth}"
+        )
+
+
+def _weights(model: Sequence[Tensor] | object, what: str) -> list[Tensor]:
+    weights = getattr(model, "weights", model)
+    weights = list(weights() if callable(weights) else weights)
+    if not weights:
+        raise ValueError(f"{what}: expected a non-empty list of D x D weight matrices or an FNN")
+    return [torch.as_tensor(w).detach().to(torch.float64) for w in weights]
+
+
+def _validate_partition(sizes: Sequence[int], frozen_depth: int, target_depth: int) -> list[int]:
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != target_depth or any(s < 1 for s in sizes) or sum(sizes) != frozen_depth:
+        raise ValueError(
+            f"partition: expected {target_depth} positive group sizes summing to {frozen_depth} (consecutive "
+            f"groups of frozen layers, one per target layer), got {sizes}"
+        )
+    return sizes
+
+
+def group_ranks(
+    frozen: Sequence[Tensor] | object,
+    target: Sequence[Tensor] | object,
+    partition: Sequence[int],
+    rtol: float | None = None,
+) -> list[int]:
+    """``rank(W̄_i - prod_{l in P_i} W_l)`` per group of a consecutive partition (given by group sizes)."""
+    frozen_w, target_w = _weights(frozen, "frozen"), _weights(target, "target")
+    sizes = _validate_partition(partition, len(frozen_w), len(target_w))
+    ranks, start = [], 0
+    for i, size in enumerate(sizes):
+        ranks.append(numerical_rank(target_w[i] - product(frozen_w[start : start + size]), rtol=rtol))
+        start += size
+    return ranks
+
+
+def required_rank(
+    frozen: Sequence[Tensor] | object,
+    target: Sequence[Tensor] | object,
+    partition: str | Sequence[int] = "uniform",
+    rtol: float | None = None,
+) -> int:
+    """Sufficient LoRA rank ``max_i ceil(rank(W̄_i - prod_{P_i} W_l) / |P_i|)`` for exact representation.
+
+    ``frozen``/``target``: lists of D x D weights in forward order, or FNNs (anything with ``.weights``).
+    ``partition``: ``"uniform"``, ``"best"`` (see :func:`best_partition`) or explicit group sizes.
+    """
+    frozen_w, target_w = _weights(frozen, "frozen"), _weights(target, "target")
+    if partition == "uniform":
+        sizes = uniform_partition(len(frozen_w), len(target_w))
+    elif partition == "best":
+        return best_partition(frozen_w, target_w, rtol=rtol)[1]
+    elif isinstance(partition, str):
+        raise ValueError(f"partition: expected 'uniform', 'best' or a list of group sizes, got {partition!r}")
+    else:
+        sizes = list(partition)
+    ranks = group_ranks(frozen_w, target_w, sizes, rtol=rtol)
+    return max(math.ceil(r / s) for r, s in zip(ranks, sizes, strict=True))
+
+
+def best_partition(
+    frozen: Sequence[Tensor] | object, target: Sequence[Tensor] | object, rtol: float | None = None
+) -> tuple[list[int], int]:
+    """Consecutive partition minimising ``max_i ceil(rank_i / |P_i|)``; returns (group sizes, required rank).
+
+    Dynamic program over (target layer i, first frozen layer of its group): O(L̄ L²) group ranks.
+    """
+    frozen_w, target_w = _weights(frozen, "frozen"), _weights(target, "target")
+    L, Lbar = len(frozen_w), len(target_w)
+    _check_depths(Lbar, L)
+
+    @cache
+    def cost(i: int, start: int, stop: int) -> int:
+        residual = target_w[i] - product(frozen_w[start:stop])
+        return math.ceil(numerical_rank(residual, rtol=rtol) / (stop - start))
+
+    @cache
+    def solve(i: int, start: int) -> tuple[int, tuple[int, ...]]:
+        # Target layers i.. use frozen layers start..L-1; each remaining group needs >= 1 layer.
+        if i == Lbar - 1:
+            return cost(i, start, L), (L - start,)
+        best: tuple[int, tuple[int, ...]] | None = None
+        for stop in range(start + 1, L - (Lbar - 1 - i) + 1):
+            rest, sizes = solve(i + 1, stop)
+            value = max(cost(i, start, stop), rest)
+            if best is None or value < best[0]:
+                best = (value, (stop - start, *sizes))
+        assert best is not None
+        return best
+
+    value, sizes = solve(0, 0)
+    return list(sizes), value

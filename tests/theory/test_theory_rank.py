@@ -1,0 +1,70 @@
+"""Rank thresholds: headline, uniform and best consecutive partitions."""
+
+import math
+
+import pytest
+import torch
+
+from lorakit.theory.models import FNN
+from lorakit.theory.rank import (
+    best_partition,
+    group_ranks,
+    headline_rank,
+    numerical_rank,
+    required_rank,
+    uniform_partition,
+    uniform_rank,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 matrices: one thread is faster, and avoids thrashing when the CPU is shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_headline_and_uniform() -> None:
+    assert headline_rank(16, 1, 2) == 8
+    assert headline_rank(16, 2, 4) == 8
+    assert headline_rank(16, 2, 5) == 7  # ceil(32/5); the uniform partition needs ceil(16/2) = 8
+    assert uniform_rank(16, 2, 5) == 8
+    assert uniform_partition(5, 2) == [2, 3]
+    with pytest.raises(ValueError, match="target depth"):
+        uniform_partition(2, 3)
+
+
+def test_required_rank_for_random_fnn() -> None:
+    g = torch.Generator().manual_seed(0)
+    target, frozen = FNN.random(10, 2, g), FNN.random(10, 4, g)
+    assert required_rank(frozen, target) == 5
+    assert group_ranks(frozen, target, [2, 2]) == [10, 10]
+    assert required_rank(frozen, target, partition=[1, 3]) == 10
+    with pytest.raises(ValueError, match="partition"):
+        required_rank(frozen, target, partition=[2, 3])
+
+
+def test_best_partition_uses_frozen_layers_close_to_the_target() -> None:
+    D = 12
+    g = torch.Generator().manual_seed(1)
+    frozen = FNN.random(D, 6, g)
+    # Target layer 1 equals frozen layer 1 up to a rank-1 change; target layer 2 is far from the rest.
+    u, v = (
+        torch.randn(D, 1, generator=g, dtype=torch.float64),
+        torch.randn(1, D, generator=g, dtype=torch.float64),
+    )
+    near = frozen.weights[0] + u @ v
+    far = torch.randn(D, D, generator=g, dtype=torch.float64)
+    target = FNN([near, far], [torch.zeros(D, dtype=torch.float64)] * 2)
+    assert required_rank(frozen, target) == math.ceil(D / 3)
+    sizes, rank = best_partition(frozen, target)
+    assert sizes == [1, 5] and rank == math.ceil(D / 5)
+    assert required_rank(frozen, target, partition="best") == rank
+
+
+def test_numerical_rank() -> None:
+    a = torch.randn(8, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)
+    assert numerical_rank(a) == 3
+    assert numerical_rank(torch.zeros(4, 4)) == 0
