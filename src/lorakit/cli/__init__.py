@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("advisor", "analyze")
+COMMAND_MODULES: tuple[str, ...] = ("advisor", "analyze", "diagnose")
 
 
 class LorakitError(Exception):

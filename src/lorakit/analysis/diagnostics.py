@@ -1,0 +1,451 @@
+"""LoRA+ efficiency diagnostics: δ¹, δ², δ³ per adapted layer, and the η_B/η_A ratio that balances them.
+
+Hayou et al. (LoRA+, ICML 2024, §4) split one optimizer step's change of an adapted layer's LoRA features
+``s·B A x`` (s = ``layer.scaling``) into::
+
+    δ¹_t = s · B_{t-1} (A_t − A_{t-1}) x          change through A
+    δ²_t = s · (B_t − B_{t-1}) A_{t-1} x          change through B
+    δ³_t = s · (B_t − B_{t-1}) (A_t − A_{t-1}) x  second-order term
+
+Training is *efficient* when δ¹ and δ² are both Θ(1); a persistent ratio δ¹/δ² far from 1 means one factor
+barely learns. :class:`DeltaDiagnostics` measures the RMS of each term (over the sampled rows of x and the
+output units) every ``every``-th optimizer step, on the inputs of that step's batch.
+
+Usage with any training loop::
+
+    diag = DeltaDiagnostics(model, every=10, run_dir="runs/exp1", optimizer=opt)
+    for batch in loader:
+        loss = model(batch).loss; loss.backward()
+        diag.before_step()      # snapshots A, B (only on measured steps)
+        opt.step()
+        diag.after_step()       # computes δ terms, appends to diagnostics.jsonl
+        opt.zero_grad()
+
+With ``transformers.Trainer``: ``Trainer(..., callbacks=[HFDeltaDiagnosticsCallback(every=10)])`` (the run
+folder defaults to ``args.output_dir``). The step counter is internal (or set with ``begin_step(step)``);
+inputs are captured by forward pre-hooks that only copy data while a measured step is armed, the layer is in
+training mode and no input has been kept yet for that step (the first micro-batch under gradient
+accumulation). At most ``max_rows`` rows of x are kept, detached. Embedding adapters (integer inputs) are
+skipped with a debug log.
+
+File format of ``<run_dir>/diagnostics.jsonl`` (one JSON object per measured step)::
+
+    {"step": 10,
+     "layers": {"<module path>": {"delta1": float, "delta2": float, "delta3": float, "ratio": float|null,
+                                  "lr_A": float|null, "lr_B": float|null}, ...},
+     "overall": {"delta1": float, "delta2": float, "delta3": float, "ratio": float|null}}
+
+``ratio`` is δ¹/δ² (null when δ² = 0). ``overall`` is the root-mean-square over layers of each term.
+``lr_A``/``lr_B`` are the learning rates of the param groups holding the layer's factors (null if the
+optimizer is unknown or the factor is frozen). The file is rewritten atomically after every measurement.
+
+**Ratio suggestion** (:func:`suggest_ratio`). With an update ``ΔA = −η_A P_A`` and ``ΔB = −η_B P_B``, δ¹ is
+linear in η_A and δ² linear in η_B at a given state: ``δ¹ = η_A·c₁``, ``δ² = η_B·c₂``. Changing the rates to
+(η_A', η_B') keeps c₁, c₂ to first order when the processed gradients P do not depend on the rates, which is
+what Adam/SignSGD give (their update is scale-free and Θ(1) per entry, the assumption of LoRA+ Theorem 1).
+Equal terms, η_A'·c₁ = η_B'·c₂, then need::
+
+    λ' = η_B'/η_A' = c₁/c₂ = (η_B/η_A) · (δ¹/δ²).
+
+For plain SGD the same formula holds for one step at a fixed state, but P_A ∝ ‖B‖ and P_B ∝ ‖Ax‖ change
+with the trajectory, so the suggestion is only a local, first-order guide there. The estimate is the
+median over measured steps and layers of the per-(step, layer) λ', skipping step 0 and the first
+``skip_fraction`` of the measured steps (transients, e.g. δ¹ = 0 while B = 0 under Init[1]). Balancing the
+terms is LoRA+'s efficiency criterion, not a guarantee of the lowest loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.utils import atomic_write
+
+logger = logging.getLogger(__name__)
+
+DIAGNOSTICS_FILE = "diagnostics.jsonl"
+
+
+def _find_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    import lorakit
+
+    return list(lorakit.lora_layers(model))
+
+
+def _factor(layer: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(layer, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"lorakit.analysis.diagnostics: layer {type(layer).__name__} has no tensor {name!r}")
+    return value
+
+
+def _is_embedding(layer: nn.Module) -> bool:
+    return isinstance(getattr(layer, "base_layer", None), nn.Embedding)
+
+
+def rms(tensor: torch.Tensor) -> float:
+    """Root mean square of all entries (0.0 for an empty tensor)."""
+    return float(tensor.float().pow(2).mean().sqrt()) if tensor.numel() else 0.0
+
+
+def delta_terms(
+    x: torch.Tensor,
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_new: torch.Tensor,
+    b_new: torch.Tensor,
+    scaling: float = 1.0,
+) -> tuple[float, float, float]:
+    """RMS of δ¹ = s·B_prev ΔA x, δ² = s·ΔB A_prev x, δ³ = s·ΔB ΔA x for rows x (…, in_features)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    a_prev, b_prev = a_prev.float(), b_prev.float()
+    d_a = a_new.float() - a_prev
+    d_b = b_new.float() - b_prev
+    z_prev = x @ a_prev.T
+    z_delta = x @ d_a.T
+    return (
+        rms(scaling * z_delta @ b_prev.T),
+        rms(scaling * z_prev @ d_b.T),
+        rms(scaling * z_delta @ d_b.T),
+    )
+
+
+@dataclass
+class _Tracked:
+    name: str
+    layer: nn.Module
+    x: torch.Tensor | None = None
+    snapshot: tuple[torch.Tensor, torch.Tensor] | None = None
+    handle: Any = None
+
+
+class DeltaDiagnostics:
+    """Measures δ¹, δ², δ³ of every LoRA layer every ``every``-th step (see the module docstring).
+
+    ``layers``: explicit ``(name, layer)`` pairs; default ``lorakit.lora_layers(model)``. ``run_dir``: where
+    ``diagnostics.jsonl`` is written (None: keep in memory only, see :attr:`records`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        every: int = 10,
+        run_dir: str | os.PathLike | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        max_rows: int = 256,
+        layers: Iterable[tuple[str, nn.Module]] | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"lorakit.analysis.diagnostics: every must be >= 1, got {every}")
+        if max_rows < 1:
+            raise ValueError(f"lorakit.analysis.diagnostics: max_rows must be >= 1, got {max_rows}")
+        self.every = every
+        self.max_rows = max_rows
+        self.optimizer = optimizer
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.records: list[dict[str, Any]] = []
+        self.step = 0
+        self._tracked: list[_Tracked] = []
+        if layers is not None or model is not None:
+            self.attach(model, layers)
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module | None, layers: Iterable[tuple[str, nn.Module]] | None = None) -> None:
+        """Register the input-capturing pre-hooks on every adapted layer (idempotent per instance)."""
+        self.detach()
+        pairs = list(layers) if layers is not None else _find_lora_layers(model) if model is not None else []
+        if not pairs:
+            raise ValueError("lorakit.analysis.diagnostics: no LoRA layers found (inject adapters first)")
+        for name, layer in pairs:
+            if _is_embedding(layer):
+                logger.debug("diagnostics: skipping embedding adapter %s", name)
+                continue
+            tracked = _Tracked(name, layer)
+            tracked.handle = layer.register_forward_pre_hook(self._make_hook(tracked))
+            self._tracked.append(tracked)
+        if not self._tracked:
+            raise ValueError("lorakit.analysis.diagnostics: only embedding adapters; nothing to measure")
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for tracked in self._tracked:
+            tracked.handle.remove()
+        self._tracked = []
+
+    @property
+    def armed(self) -> bool:
+        """Whether the current step is measured."""
+        return self.step % self.every == 0
+
+    def _make_hook(self, tracked: _Tracked):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not self.armed or tracked.x is not None or not module.training or not args:
+                return
+            x = args[0]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                logger.debug("diagnostics: %s got a non-float input; not measured", tracked.name)
+                return
+            rows = x.detach().reshape(-1, x.shape[-1])
+            tracked.x = rows[: self.max_rows].clone()
+
+        return hook
+
+    # -- per step -------------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Set the step counter explicitly (e.g. a trainer's global step) before the step's forward pass."""
+        if step != self.step:
+            for tracked in self._tracked:
+                tracked.x = None
+        self.step = int(step)
+
+    def before_step(self) -> None:
+        """Call right before ``optimizer.step()``: snapshots A and B of the layers on measured steps."""
+        if not self.armed:
+            return
+        for tracked in self._tracked:
+            a, b = _factor(tracked.layer, "lora_A"), _factor(tracked.layer, "lora_B")
+            tracked.snapshot = (a.detach().clone(), b.detach().clone())
+
+    def after_step(self) -> dict[str, Any] | None:
+        """Call right after ``optimizer.step()``: computes δ terms, records them, advances the counter."""
+        record = None
+        if self.armed:
+            record = self._measure()
+            if record is not None:
+                self.records.append(record)
+                if self.run_dir is not None:
+                    self.write()
+        for tracked in self._tracked:
+            tracked.x = None
+            tracked.snapshot = None
+        self.step += 1
+        return record
+
+    @torch.no_grad()
+    def _measure(self) -> dict[str, Any] | None:
+        layers: dict[str, dict[str, float | None]] = {}
+        lrs = self._learning_rates()
+        for tracked in self._tracked:
+            if tracked.x is None or tracked.snapshot is None:
+                continue
+            layer = tracked.layer
+            a_prev, b_prev = tracked.snapshot
+            x = tracked.x.to(a_prev.device)
+            d1, d2, d3 = delta_terms(
+                x, a_prev, b_prev, _factor(layer, "lora_A"), _factor(layer, "lora_B"), float(layer.scaling)
+            )
+            lr_a, lr_b = lrs.get(id(layer.lora_A)), lrs.get(id(layer.lora_B))
+            layers[tracked.name] = {
+                "delta1": d1,
+                "delta2": d2,
+                "delta3": d3,
+                "ratio": d1 / d2 if d2 > 0 else None,
+                "lr_A": lr_a,
+                "lr_B": lr_b,
+            }
+        if not layers:
+            logger.debug("diagnostics: step %d armed but no layer input was captured", self.step)
+            return None
+        overall = {
+            key: math.sqrt(statistics.fmean(v[key] ** 2 for v in layers.values()))
+            for key in ("delta1", "delta2", "delta3")
+        }
+        overall["ratio"] = overall["delta1"] / overall["delta2"] if overall["delta2"] > 0 else None
+        return {"step": self.step, "layers": layers, "overall": overall}
+
+    def _learning_rates(self) -> dict[int, float]:
+        if self.optimizer is None:
+            return {}
+        return {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
+
+    def write(self) -> Path:
+        """Rewrite ``<run_dir>/diagnostics.jsonl`` atomically with all records so far."""
+        if self.run_dir is None:
+            raise ValueError("lorakit.analysis.diagnostics: no run_dir given; nothing to write to")
+        path = self.run_dir / DIAGNOSTICS_FILE
+        with atomic_write(path) as handle:
+            for record in self.records:
+                handle.write(json.dumps(record) + "\n")
+        return path
+
+
+def read_diagnostics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a diagnostics JSONL file (or a run folder containing ``diagnostics.jsonl``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIAGNOSTICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no diagnostics file at {path} (run training with DeltaDiagnostics first)")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+            valid = isinstance(record, dict) and "step" in record and isinstance(record.get("layers"), dict)
+            if not valid:
+                raise ValueError(f"{path}, line {number}: expected an object with 'step' and 'layers' fields")
+            for name, values in record["layers"].items():
+                missing = {"delta1", "delta2"} - set(values)
+                if missing:
+                    raise ValueError(f"{path}, line {number}: layer {name!r} lacks {sorted(missing)}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no measurements in the file")
+    return records
+
+
+@dataclass
+class RatioSuggestion:
+    """Output of :func:`suggest_ratio`."""
+
+    ratio: float
+    current_ratio: float
+    samples: int
+    per_layer: dict[str, float] = field(default_factory=dict)
+
+
+def balancing_ratio(delta1: float, delta2: float, current_ratio: float) -> float:
+    """``λ' = λ · δ¹/δ²``: the η_B/η_A that equalises δ¹ and δ² under Adam-like updates (module docstring)."""
+    if not (delta1 > 0 and delta2 > 0 and current_ratio > 0):
+        raise ValueError(
+            f"lorakit.analysis.diagnostics: need positive delta1, delta2 and ratio, got "
+            f"{delta1!r}, {delta2!r}, {current_ratio!r} (a frozen factor gives a zero term)"
+        )
+    return current_ratio * delta1 / delta2
+
+
+def _records_iter(records: Iterable[dict[str, Any]] | str | os.PathLike) -> list[dict[str, Any]]:
+    if isinstance(records, (str, os.PathLike)):
+        return read_diagnostics(records)
+    return list(records)
+
+
+def suggest_ratio(
+    records: Iterable[dict[str, Any]] | str | os.PathLike,
+    lr_A: float | None = None,
+    lr_B: float | None = None,
+    skip_fraction: float = 0.1,
+) -> RatioSuggestion:
+    """Robust λ = η_B/η_A balancing δ¹ and δ²: median over steps and layers of ``λ_cur · δ¹/δ²``.
+
+    ``records``: diagnostics records (as written by :class:`DeltaDiagnostics`) or a path to them.
+    ``lr_A``, ``lr_B``: the rates used, when the records lack them (records' own values win).
+    Skips step 0 and the first ``skip_fraction`` of the remaining measured steps; ignores entries with a
+    zero term. Raises ``ValueError`` when nothing usable remains (e.g. A or B frozen).
+    """
+    if not 0.0 <= skip_fraction < 1.0:
+        raise ValueError(
+            f"lorakit.analysis.diagnostics: skip_fraction must be in [0, 1), not {skip_fraction}"
+        )
+    items = sorted((r for r in _records_iter(records) if r["step"] > 0), key=lambda r: r["step"])
+    items = items[int(len(items) * skip_fraction) :]
+    values: list[float] = []
+    current: list[float] = []
+    per_layer_values: dict[str, list[float]] = {}
+    for record in items:
+        for name, layer in record["layers"].items():
+            d1, d2 = layer["delta1"], layer["delta2"]
+            if not (d1 > 0 and d2 > 0):  # a frozen factor (or no update): nothing to balance
+                continue
+            la = layer.get("lr_A") if layer.get("lr_A") is not None else lr_A
+            lb = layer.get("lr_B") if layer.get("lr_B") is not None else lr_B
+            if la is None or lb is None:
+                raise ValueError(
+                    f"lorakit.analysis.diagnostics: step {record['step']}, layer {name!r} has no learning "
+                    "rates; pass lr_A and lr_B to suggest_ratio"
+                )
+            if la <= 0 or lb <= 0:
+                continue
+            value = balancing_ratio(d1, d2, lb / la)
+            values.append(value)
+            current.append(lb / la)
+            per_layer_values.setdefault(name, []).append(value)
+    if not values:
+        raise ValueError(
+            "lorakit.analysis.diagnostics: no measurement with both delta1 > 0 and delta2 > 0 after skipping "
+            "the first steps; is one factor frozen?"
+        )
+    return RatioSuggestion(
+        ratio=statistics.median(values),
+        current_ratio=statistics.median(current),
+        samples=len(values),
+        per_layer={name: statistics.median(v) for name, v in per_layer_values.items()},
+    )
+
+
+def _hf_callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class HFDeltaDiagnosticsCallback(TrainerCallback):
+        """``transformers.TrainerCallback`` running :class:`DeltaDiagnostics` (run folder: ``output_dir``)."""
+
+        def __init__(self, every: int = 10, run_dir: str | os.PathLike | None = None, max_rows: int = 256):
+            self.every, self.run_dir, self.max_rows = every, run_dir, max_rows
+            self.diagnostics: DeltaDiagnostics | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.diagnostics = DeltaDiagnostics(
+                model, every=self.every, run_dir=self.run_dir or args.output_dir, max_rows=self.max_rows
+            )
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.diagnostics is not None:
+                self.diagnostics.begin_step(state.global_step)
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            if self.diagnostics is not None:
+                self.diagnostics.optimizer = optimizer
+                self.diagnostics.before_step()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self.diagnostics is not None:
+                self.diagnostics.after_step()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.diagnostics is not None:
+                self.diagnostics.detach()
+
+    return HFDeltaDiagnosticsCallback
+
+
+_HF_CLASS: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # built on first use so that this module imports without transformers installed
+    global _HF_CLASS
+    if name == "HFDeltaDiagnosticsCallback":
+        if _HF_CLASS is None:
+            _HF_CLASS = _hf_callback_class()
+        return _HF_CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def iter_layer_series(
+    records: list[dict[str, Any]], key: str
+) -> Iterator[tuple[str, list[int], list[float]]]:
+    """Per layer: (name, steps, values of ``key``) in step order (for tables and plots)."""
+    names: list[str] = []
+    for record in records:
+        names.extend(n for n in record["layers"] if n not in names)
+    for name in names:
+        steps, values = [], []
+        for record in sorted(records, key=lambda r: r["step"]):
+            if name in record["layers"] and record["layers"][name].get(key) is not None:
+                steps.append(record["step"])
+                values.append(float(record["layers"][name][key]))
+        yield name, steps, values

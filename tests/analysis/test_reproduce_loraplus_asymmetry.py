@@ -1,0 +1,73 @@
+"""End-to-end: ``lorakit reproduce loraplus`` / ``asymmetry`` code paths on small configurations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorakit.experiments import asymmetry, loraplus_toy
+
+pytestmark = pytest.mark.slow
+
+
+def test_loraplus_small_reproduction(tmp_path) -> None:
+    config = loraplus_toy.ToyConfig(
+        fig2_etas=tuple(np.logspace(-3, 0, 4)),
+        fig2_steps=30,
+        fig2_seeds=1,
+        n_train=200,
+        widths=(64, 1024),
+        width_seeds=2,
+        width_n_train=32,
+        width_steps=20,
+        bootstrap=50,
+        delta_steps=5,
+        optimizers=("adam",),
+    )
+    loraplus_toy.reproduce(config, tmp_path, progress=False)
+    data = json.loads((tmp_path / "loraplus_toy.json").read_text())
+    assert (tmp_path / "fig2_heatmaps.png").stat().st_size > 0
+    assert (tmp_path / "width_scaling.png").stat().st_size > 0
+    etas = data["fig2"]["eta_grid"]
+    for panel in data["fig2"]["panels"].values():
+        grid = np.asarray(panel["loss_grid"])
+        i, j = np.unravel_index(np.argmin(grid), grid.shape)
+        assert panel["best"]["index"] == [i, j]
+        assert panel["best"]["eta_A"] == etas[i] and panel["best"]["eta_B"] == etas[j]
+        assert [int(i), int(j)] in panel["near_best"]
+    adam = data["width_scaling"]["optimizers"]["adam"]
+    widths = data["width_scaling"]["widths"]
+    for width, ratio in zip(widths, adam["best_ratio"], strict=True):
+        if width >= 1024:
+            assert ratio > 1.0
+    # δ¹ grows with width at a shared rate; with eta_A ∝ 1/n it stays within a factor 2
+    shared = data["deltas_vs_width"]["settings"]["shared"]["delta1"]
+    scaled = data["deltas_vs_width"]["settings"]["eta_A_inv_n"]["delta1"]
+    assert shared[-1] > 4 * shared[0]
+    assert 0.5 < scaled[-1] / scaled[0] < 2.0
+    assert isinstance(data["ratio_suggestion_check"]["inside_band"], bool)
+
+
+def test_asymmetry_small_reproduction(tmp_path) -> None:
+    config = asymmetry.AsymmetryConfig(
+        dims=(8, 16),
+        ranks=(1, 4),
+        mc_samples=60,
+        n_train=600,
+        n_test=600,
+        curve_dim=16,
+        curve_ranks=(1, 4, 8),
+        gd_steps=400,
+    )
+    asymmetry.reproduce(config, tmp_path, progress=False)
+    data = json.loads((tmp_path / "asymmetry.json").read_text())
+    assert (tmp_path / "loss_vs_rank.png").stat().st_size > 0
+    for row in data["monte_carlo"]:
+        assert abs(row["frozen_B_z"]) < 4.0
+        if row["sigma"] == "aniso":
+            assert row["frozen_A_mc"] < row["frozen_B_mc"]
+    curve = data["loss_vs_rank"]
+    assert all(a < b for a, b in zip(curve["frozen_A_mc"], curve["frozen_B_mc"], strict=True))
+    assert all(o <= g * (1 + 1e-9) for o, g in zip(curve["lora_optimum"], curve["lora_gd"], strict=True))
