@@ -133,7 +133,7 @@ def test_adapter_errors_name_the_field(tmp_path) -> None:
         },
         str(folder / "adapter_model.safetensors"),
     )
-    with pytest.raises(ValueError, match="rank 2 in the weights but 3"):
+    with pytest.raises(ValueError, match="config gives rank 3 but the saved factors have rank 2"):
         adapter_deltas(folder)
 
 

@@ -19,10 +19,8 @@ unpickled.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>A|B|embedding_A|embedding_B)(?:\.[^.]+)?(?:\.weight)?$"
-)
 
 
 def frobenius_rank(singular_values: Tensor, tol: float) -> int:
@@ -57,13 +52,6 @@ def spectral_rank(singular_values: Tensor, tol: float) -> int:
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
     return int((s > tol * s[0]).sum())
-
-
-def factored_svdvals(B: Tensor, A: Tensor, scale: float = 1.0) -> Tensor:
-    """Singular values of ``scale · B @ A`` (B: m x r, A: r x n) from two thin QRs, without forming it."""
-    _, R_B = torch.linalg.qr(B.double())
-    _, R_A = torch.linalg.qr(A.double().mT)
-    return torch.linalg.svdvals(scale * R_B @ R_A.mT)
 
 
 @dataclass
@@ -161,76 +149,21 @@ def _load_from_hub(name: str) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module path ending in ".<key>".
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def adapter_deltas(path: str | Path) -> dict[str, Tensor]:
-    """``{module: ΔW}`` of a LoRA adapter folder, ``ΔW = s · B · A`` with s = α/r (or α/sqrt(r) for rsLoRA).
+    """``{module: ΔW}`` of a LoRA adapter folder, ``ΔW = s · B · A`` (float64), read by
+    :func:`lorakit.analysis.adapter_io.load_adapter_factors` (PEFT's rank/alpha patterns and rsLoRA).
 
-    α comes from ``alpha_pattern`` (PEFT key matching) else ``lora_alpha``; r is the factor's actual rank,
-    checked against ``rank_pattern``/``r``. Embedding adapters and ``fan_in_fan_out`` give ΔW transposed, as
-    in PEFT, so that ΔW has the base weight's shape.
+    Embedding adapters and ``fan_in_fan_out`` (GPT-2 Conv1D) give ΔW transposed, as in PEFT, so that
+    ΔW has the base weight's shape.
     """
-    from safetensors.torch import load_file
+    from lorakit.analysis.adapter_io import load_adapter_factors
 
-    path = Path(path)
-    if not is_adapter(path):
-        raise FileNotFoundError(
-            f"{path}: expected an adapter folder with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
-        )
-    config_file = path / ADAPTER_CONFIG
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file}: invalid JSON (line {error.lineno}): {error.msg}") from None
-    if "lora_alpha" not in config and "alpha" not in config:
-        raise ValueError(f"{config_file}: field 'lora_alpha' is missing (needed for the scaling α/r)")
-    alpha_default = float(config.get("lora_alpha", config.get("alpha")))
-    r_default = config.get("r")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    factors: dict[str, dict[str, Tensor]] = defaultdict(dict)
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match:
-            factors[match["module"]][match["kind"]] = tensor
-    if not factors:
-        raise ValueError(
-            f"{path / ADAPTER_WEIGHTS}: no '<module>.lora_A.weight' / '.lora_B.weight' tensors found"
-        )
-    out = {}
-    for module, parts in sorted(factors.items()):
-        embedding = "embedding_A" in parts or "embedding_B" in parts
-        A = parts.get("embedding_A" if embedding else "A")
-        B = parts.get("embedding_B" if embedding else "B")
-        if A is None or B is None:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: module {module!r} has only one of lora_A / lora_B")
-        r = A.shape[0]
-        if B.shape[1] != r:
-            raise ValueError(
-                f"{path / ADAPTER_WEIGHTS}: module {module!r}: lora_A is {tuple(A.shape)} and lora_B is "
-                f"{tuple(B.shape)}; expected (r x in) and (out x r) with the same r"
-            )
-        expected_r = _pattern_value(
-            config.get("rank_pattern"), module, r_default if r_default is not None else r
-        )
-        if int(expected_r) != r:
-            raise ValueError(
-                f"{config_file}: module {module!r} has rank {r} in the weights but {int(expected_r)} in the "
-                "config "
-                "(field 'r' / 'rank_pattern')"
-            )
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha_default))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        delta = scale * (B.double() @ A.double())
-        if embedding or config.get("fan_in_fan_out"):
-            delta = delta.mT
-        out[module] = delta
-    return out
+    adapter = load_adapter_factors(path)
+    transposed = bool(adapter.config.get("fan_in_fan_out"))
+    return {
+        name: layer.delta_weight().mT if transposed or layer.kind == "embedding" else layer.delta_weight()
+        for name, layer in adapter.layers.items()
+    }
 
 
 def _match_key(keys: Iterable[str], module: str) -> str | None:
