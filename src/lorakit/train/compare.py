@@ -1,0 +1,224 @@
+"""``compare``: run several methods × seeds (× datasets) and tabulate mean ± std of the task metric.
+
+For each dataset, method and seed one :func:`~lorakit.train.run.finetune` run is written to
+``OUT/<task>/<method>-s<seed>/`` (a finished run whose config matches is reused, so an interrupted
+comparison continues where it stopped). The table reports, per method, the mean ± sample standard
+deviation (ddof = 1; 0 for one seed) of the final main metric, the mean train samples/s, the trainable
+parameter count and the peak memory; ``OUT/compare.json`` holds the table plus every run's summary (each
+run's ``metrics.jsonl`` has step/epoch/wall time for curves), ``OUT/compare.png`` the bar chart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorakit.train.data import load_task
+from lorakit.train.methods import MethodSpec, parse_method, slug
+from lorakit.train.run import CONFIG_FILE, SUMMARY_FILE, FinetuneConfig, RunSummary, finetune
+from lorakit.train.trainer import TrainingDivergedError
+from lorakit.utils import atomic_save_figure, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("lora", "loraplus", "asym")
+
+
+@dataclass
+class CompareRow:
+    """One (task, method) line of the table."""
+
+    task: str
+    method: str
+    metric: str
+    mean: float | None
+    std: float | None
+    scores: list[float]
+    seeds: list[int]
+    samples_per_s: float
+    trainable_params: int
+    peak_memory_mb: float
+    diverged: int = 0
+
+
+@dataclass
+class CompareResult:
+    rows: list[CompareRow]
+    runs: list[RunSummary] = field(default_factory=list)
+    out: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "runs": [r.to_dict() for r in self.runs],
+            "out": self.out,
+        }
+
+    def table(self) -> str:
+        return format_table(self.rows)
+
+
+def compare(
+    base: FinetuneConfig | None = None,
+    methods: Sequence[str | MethodSpec] = DEFAULT_METHODS,
+    seeds: Sequence[int] = (0,),
+    datasets: Sequence[str | None] | None = None,
+    out: str | os.PathLike = "runs/compare",
+    equal_params: bool = False,
+    reuse: bool = True,
+) -> CompareResult:
+    """Fine-tune every method × seed on every dataset (``datasets`` None → ``[base.data]``) and compare.
+
+    ``methods`` are preset names, ``NAME:key=value,...`` strings (:func:`parse_method`) or MethodSpecs,
+    applied over ``base.method`` (rank, alpha, targets...). ``equal_params`` doubles the rank of
+    ``asym``/``freeze-b`` so they train as many parameters as ``lora``. A diverged run is recorded and
+    counted, not fatal. Example — the GLUE study in one call::
+
+        compare(FinetuneConfig(max_train_samples=2000), ["lora", "loraplus", "asym"], seeds=[0, 1, 2],
+                datasets=["glue/RTE", "glue/MRPC", "glue/CoLA"], out="runs/glue")
+    """
+    base = base or FinetuneConfig()
+    if not methods:
+        raise ValueError("compare: give at least one method")
+    if not seeds:
+        raise ValueError("compare: give at least one seed")
+    specs = [m if isinstance(m, MethodSpec) else parse_method(m, base.method) for m in methods]
+    if equal_params:
+        specs = [s.with_equal_params() for s in specs]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: two methods share a name {names}; add label=... to tell them apart")
+    out = Path(out)
+    datasets = list(datasets) if datasets else [base.data]
+    rows: list[CompareRow] = []
+    summaries: list[RunSummary] = []
+    for data in datasets:
+        task = load_task(
+            data,
+            eval_data=base.eval_data if len(datasets) == 1 else None,
+            text_cols=base.text_cols,
+            label_col=base.label_col,
+            task_type=base.task,
+            label_names=base.labels,
+            eval_fraction=base.eval_fraction,
+            seed=0,
+            tweets_train=base.tweets_train,
+            tweets_eval=base.tweets_eval,
+        )
+        task_runs: dict[str, list[RunSummary]] = {}
+        for spec in specs:
+            for seed in seeds:
+                run_dir = out / slug(task.name) / f"{slug(spec.name)}-s{seed}"
+                config = replace(base, data=data, method=spec, seed=int(seed), out=str(run_dir), resume=False)
+                summary = _reuse(run_dir, config) if reuse else None
+                if summary is None:
+                    logger.info("compare: %s, %s, seed %d -> %s", task.name, spec.name, seed, run_dir)
+                    try:
+                        summary = finetune(config, task=task)
+                    except TrainingDivergedError as error:
+                        logger.warning("compare: %s", error)
+                        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+                summaries.append(summary)
+                task_runs.setdefault(spec.name, []).append(summary)
+        rows += [_row(task.name, name, runs) for name, runs in task_runs.items()]
+    result = CompareResult(rows, summaries, str(out))
+    atomic_write_json(out / "compare.json", {**result.to_dict(), "base_config": base.to_dict()})
+    plot_compare(rows, out / "compare.png")
+    return result
+
+
+def _reuse(run_dir: Path, config: FinetuneConfig) -> RunSummary | None:
+    """A finished run in ``run_dir`` with the same config, or None."""
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())["config"]
+        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    wanted = json.loads(json.dumps(config.to_dict()))
+    ignore = ("progress", "resume")
+    same = all(saved.get(k) == v for k, v in wanted.items() if k not in ignore)
+    if same and summary.status == "finished":
+        logger.info("compare: reusing the finished run in %s", run_dir)
+        return summary
+    return None
+
+
+def _row(task: str, method: str, runs: list[RunSummary]) -> CompareRow:
+    ok = [r for r in runs if r.status == "finished" and r.score is not None]
+    scores = [float(r.score) for r in ok]
+    return CompareRow(
+        task=task,
+        method=method,
+        metric=runs[0].main_metric,
+        mean=float(np.mean(scores)) if scores else None,
+        std=float(np.std(scores, ddof=1)) if len(scores) > 1 else (0.0 if scores else None),
+        scores=scores,
+        seeds=[r.seed for r in ok],
+        samples_per_s=float(np.mean([r.train_samples_per_s for r in runs])),
+        trainable_params=runs[0].trainable_params,
+        peak_memory_mb=float(max(r.peak_memory_mb for r in runs)),
+        diverged=len(runs) - len(ok),
+    )
+
+
+def format_table(rows: Sequence[CompareRow]) -> str:
+    """A plain-text table: task, method, metric mean ± std (n), samples/s, trainable params, peak memory."""
+    header = ["task", "method", "metric", "mean ± std (n)", "samples/s", "trainable", "peak MiB"]
+    lines = []
+    for r in rows:
+        score = "diverged" if r.mean is None else f"{r.mean:.4f} ± {r.std:.4f} ({len(r.scores)})"
+        if r.diverged and r.mean is not None:
+            score += f" [{r.diverged} diverged]"
+        lines.append(
+            [
+                r.task,
+                r.method,
+                r.metric,
+                score,
+                f"{r.samples_per_s:.1f}",
+                f"{r.trainable_params:,}",
+                f"{r.peak_memory_mb:.0f}",
+            ]
+        )
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt.format(*header), rule, *(fmt.format(*line) for line in lines)])
+
+
+def plot_compare(rows: Sequence[CompareRow], path: str | os.PathLike) -> None:
+    """Bar chart of mean ± std per method, one panel per task (PNG; the numbers are in compare.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(1.5 + 1.6 * max(len(rows) // len(tasks), 1) * len(tasks), 3.6), squeeze=False
+    )
+    for ax, task in zip(axes[0], tasks, strict=True):
+        task_rows = [r for r in rows if r.task == task]
+        means = [r.mean if r.mean is not None else 0.0 for r in task_rows]
+        stds = [r.std or 0.0 for r in task_rows]
+        x = np.arange(len(task_rows))
+        ax.bar(x, means, yerr=stds, capsize=4, color=[f"C{i}" for i in range(len(task_rows))])
+        for xi, r in zip(x, task_rows, strict=True):
+            ax.scatter([xi] * len(r.scores), r.scores, color="k", s=10, zorder=3)
+        ax.set_xticks(x, [r.method for r in task_rows], rotation=20)
+        ax.set_title(task)
+        ax.set_ylabel(f"{task_rows[0].metric} (mean ± std)")
+        finite = [m for m in means if m]
+        if finite:
+            low = min(m - s for m, s in zip(means, stds, strict=True) if m)
+            ax.set_ylim(max(0.0, low - 0.1 * abs(low)) if low > 0 else None, None)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
