@@ -169,3 +169,25 @@ def test_injected_layers_fused_equals_reference_kernel():
     assert grads["fused"].keys() == grads["reference"].keys() and len(grads["fused"]) == 4
     for name, g in grads["fused"].items():
         assert rel_err(g, grads["reference"][name]) <= 1e-10, name
+
+
+@pytest.mark.parametrize("strategy", ["merged", "addmm"])
+def test_fused_under_bf16_autocast_matches_reference(strategy):
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(12, 16)
+    bias = torch.randn(12)
+    a = (torch.randn(4, 16) * 0.3).requires_grad_()
+    b = (torch.randn(12, 4) * 0.3).requires_grad_()
+    outputs = {}
+    for name, fn in (("fused", lora_linear), ("reference", reference_lora_linear)):
+        for t in (x, a, b):
+            t.grad = None
+        kwargs = {"strategy": strategy} if name == "fused" else {}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, weight, bias, a, b, 2.0, **kwargs)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        outputs[name] = (y.float(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    for got, want in zip(outputs["fused"], outputs["reference"], strict=True):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2

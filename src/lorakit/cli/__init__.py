@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("finetune", "reproduce", "diagnose", "analyze", "advisor")
+COMMAND_MODULES: tuple[str, ...] = ("finetune", "sweep", "reproduce", "diagnose", "analyze", "advisor")
 
 
 class LorakitError(Exception):

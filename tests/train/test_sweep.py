@@ -1,0 +1,277 @@
+"""Sweep engine: grid expansion, resume after failure/Ctrl-C, CSV ↔ heatmap ↔ sweep.json consistency,
+process pool and Ray backends, and a tiny random model through the fine-tuning API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lorakit.train.sweep import (
+    aggregate,
+    cell_id,
+    expand_grid,
+    load_cells,
+    run_sweep,
+    synthetic_cell,
+    top_k_ratio,
+    write_reports,
+)
+
+
+def counting_cell(cell: dict, log: str, fail_on: str | None = None, interrupt_on: str | None = None) -> dict:
+    """Synthetic metric; appends the cell id to ``log`` so the test can count calls."""
+    cid = cell_id(cell)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write(cid + "\n")
+    if cid == interrupt_on:
+        raise KeyboardInterrupt
+    if cid == fail_on:
+        raise ValueError("boom")
+    return synthetic_cell(cell)
+
+
+def _calls(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+GRID = {"eta_a": [1e-5, 1e-4, 1e-3], "eta_b": [1e-4, 1e-3, 1e-2]}
+
+
+def test_expand_grid_product_order_and_errors():
+    cells = expand_grid({**GRID, "seed": [0, 1]})
+    assert len(cells) == 18
+    assert cells[0] == {"eta_a": 1e-5, "eta_b": 1e-4, "seed": 0}
+    assert cells[1] == {"eta_a": 1e-5, "eta_b": 1e-4, "seed": 1}
+    assert len({cell_id(c) for c in cells}) == 18
+    assert cell_id({"eta_a": 1e-4, "eta_b": 2e-3, "rank": 8}) == "eta_a=0.0001,eta_b=0.002,rank=8"
+    with pytest.raises(ValueError, match="axis 'eta_b'"):
+        expand_grid({"eta_a": [1e-4], "eta_b": []})
+    with pytest.raises(ValueError, match="repeats"):
+        expand_grid({"eta_a": [1e-4, 1e-4]})
+
+
+def test_resume_skips_finished_cells_after_interrupt_and_reruns_failed(tmp_path):
+    cells = expand_grid(GRID)
+    ids = [cell_id(c) for c in cells]
+    log, out = tmp_path / "calls.txt", tmp_path / "sweep"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(
+            counting_cell, cells, out, context={"log": str(log), "fail_on": ids[1], "interrupt_on": ids[4]}
+        )
+    recorded = {r["id"]: r["status"] for r in load_cells(out)}
+    assert recorded == {ids[0]: "finished", ids[1]: "failed", ids[2]: "finished", ids[3]: "finished"}
+    assert "boom" in next(r["error"] for r in load_cells(out) if r["id"] == ids[1])
+    log.unlink()
+    result = run_sweep(counting_cell, cells, out, context={"log": str(log)})
+    # the failed cell and the never-finished ones run again; the three finished cells do not
+    assert sorted(_calls(log)) == sorted([ids[1], *ids[4:]])
+    assert sorted(result.skipped) == sorted([ids[0], ids[2], ids[3]])
+    assert len(load_cells(out)) == 9 and all(r["status"] == "finished" for r in load_cells(out))
+    log.unlink()
+    again = run_sweep(counting_cell, cells, out, context={"log": str(log)})
+    assert _calls(log) == [] and len(again.skipped) == 9
+
+
+@pytest.mark.parametrize("metric", ["metric", "train_loss"])
+def test_heatmap_csv_and_json_agree_on_best_cell(tmp_path, metric):
+    cells = expand_grid({**GRID, "seed": [0, 1]})
+    result = run_sweep(synthetic_cell, cells, tmp_path, context={"noise": 0.05}, metric=metric)
+    with open(tmp_path / "grid.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9 and all(r["n"] == "2" for r in rows)
+    pick = max if metric == "metric" else min
+    best_csv = pick(rows, key=lambda r: float(r["mean"]))
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    best = summary["ranks"]["None"]["best"]
+    assert (best["eta_a"], best["eta_b"]) == (float(best_csv["eta_a"]), float(best_csv["eta_b"]))
+    heat = json.loads((tmp_path / f"heatmap_{metric}.json").read_text())
+    flat = [
+        (a, b, v)
+        for a, row in zip(heat["eta_a"], heat["values"], strict=True)
+        for b, v in zip(heat["eta_b"], row, strict=True)
+    ]
+    assert pick(flat, key=lambda t: t[2])[:2] == (best["eta_a"], best["eta_b"])
+    assert (tmp_path / f"heatmap_{metric}.png").stat().st_size > 1000
+    # the within-1% set is exactly the cells whose CSV mean is within 1% of the best
+    margin = 0.01 * abs(float(best_csv["mean"]))
+    sign = 1 if metric == "metric" else -1
+    expected = {
+        (float(r["eta_a"]), float(r["eta_b"]))
+        for r in rows
+        if sign * (float(r["mean"]) - float(best_csv["mean"])) >= -margin
+    }
+    assert {(c["eta_a"], c["eta_b"]) for c in heat["within_tolerance"]} == expected
+    # cells.csv has one row per (cell, seed) and its means reproduce grid.csv
+    with open(tmp_path / "cells.csv", newline="") as handle:
+        raw = list(csv.DictReader(handle))
+    assert len(raw) == 18
+    group = [
+        float(r[metric])
+        for r in raw
+        if (float(r["eta_a"]), float(r["eta_b"])) == (best["eta_a"], best["eta_b"])
+    ]
+    assert sum(group) / 2 == pytest.approx(float(best_csv["mean"]))
+    assert result.report["top_k_all_ranks"]["k"] == 4
+
+
+def test_top_k_ratio_is_the_median_of_the_best_cells():
+    rows = [
+        {"eta_a": 1e-4, "eta_b": 1.6e-3, "mean": 0.9},
+        {"eta_a": 1e-4, "eta_b": 1e-4, "mean": 0.5},
+        {"eta_a": 1e-3, "eta_b": 4e-3, "mean": 0.8},
+        {"eta_a": 1e-5, "eta_b": 6.4e-4, "mean": 0.85},
+        {"eta_a": 1e-3, "eta_b": 1e-3, "mean": math.nan},
+    ]
+    stat = top_k_ratio(rows, k=3)
+    assert stat["ratios"] == pytest.approx([16.0, 64.0, 4.0])
+    assert stat["median_ratio"] == pytest.approx(16.0) and stat["median_log2_ratio"] == pytest.approx(4.0)
+    assert top_k_ratio(rows, k=2, higher=False)["ratios"] == pytest.approx([1.0, 4.0])
+
+
+def test_synthetic_sweep_recovers_the_planted_ratio(tmp_path):
+    cells = expand_grid({"eta_a": [1e-5, 1e-4, 1e-3], "eta_b": [1e-5, 1e-4, 1.6e-3, 1.6e-2, 1e-1]})
+    report = run_sweep(synthetic_cell, cells, tmp_path, context={"optimum_ratio": 16.0}).report
+    assert report["top_k_all_ranks"]["median_ratio"] == pytest.approx(16.0)
+
+
+def test_failed_and_diverged_cells_are_left_out_of_the_mean():
+    records = [
+        {"cell": {"eta_a": 1e-4, "eta_b": 1e-3, "seed": 0}, "status": "finished", "metrics": {"metric": 0.8}},
+        {
+            "cell": {"eta_a": 1e-4, "eta_b": 1e-3, "seed": 1},
+            "status": "diverged",
+            "metrics": {"metric": math.nan},
+        },
+        {"cell": {"eta_a": 1e-4, "eta_b": 1e-3, "seed": 2}, "status": "failed", "metrics": {}},
+    ]
+    (row,) = aggregate(records, "metric")
+    assert row["n"] == 1 and row["n_bad"] == 2 and row["mean"] == pytest.approx(0.8)
+
+
+def test_process_pool_backend(tmp_path):
+    cells = expand_grid({"eta_a": [1e-4, 1e-3], "eta_b": [1e-3, 1e-2]})
+    result = run_sweep("lorakit.train.sweep:synthetic_cell", cells, tmp_path, workers=2)
+    records = load_cells(tmp_path)
+    assert len(result.ran) == 4 and len({r["pid"] for r in records}) >= 1
+    for r in records:
+        assert r["metrics"]["metric"] == pytest.approx(synthetic_cell(r["cell"])["metric"])
+
+
+def test_ray_backend(tmp_path):
+    ray = pytest.importorskip(
+        "ray",
+        reason="Ray is not installed (optional extra: pip install 'lorakit[ray]'); Ray backend not tested",
+    )
+    cells = expand_grid({"eta_a": [1e-4, 1e-3], "eta_b": [1e-3, 1e-2]})
+    run_sweep(synthetic_cell, cells[:2], tmp_path)  # recorded locally first: Ray must skip these two
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_sweep("lorakit.train.sweep:synthetic_cell", cells, tmp_path, backend="ray")
+    finally:
+        ray.shutdown()
+    assert len(result.skipped) == 2 and len(result.ran) == 2
+    records = load_cells(tmp_path)
+    assert len(records) == 4 and all(r["status"] == "finished" for r in records)
+    for r in records:
+        assert r["metrics"]["metric"] == pytest.approx(synthetic_cell(r["cell"])["metric"])
+
+
+def test_reports_without_grid_axes_skip_heatmaps(tmp_path):
+    records = [{"id": "a", "cell": {"x": 1}, "status": "finished", "metrics": {"metric": 1.0}}]
+    summary = write_reports(tmp_path, records)
+    assert "heatmap" not in summary["ranks"]["None"] and (tmp_path / "cells.csv").exists()
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    """A tiny random BERT classifier saved with its own word-level tokenizer, and a 2-class CSV task."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["good", "great", "fine", "bad", "awful", "poor", "movie", "the", "was"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    model_dir = tmp_path / "model"
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 24), ("dev", 8)):
+        lines = ["text,label"] + [
+            f"the movie was {words[i % 6]},{'pos' if i % 6 < 3 else 'neg'}" for i in range(n)
+        ]
+        (data / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return model_dir, data
+
+
+def test_finetune_cells_with_a_tiny_random_model(tiny_task, tmp_path):
+    from lorakit.train.run import FinetuneConfig
+
+    model_dir, data = tiny_task
+    base = FinetuneConfig(
+        data=str(data),
+        model=str(model_dir),
+        max_steps=2,
+        batch_size=8,
+        max_length=16,
+        progress=False,
+        precision="fp32",
+    ).to_dict()
+    out = tmp_path / "sweep"
+    cells = expand_grid({"eta_a": [1e-3], "eta_b": [1e-3, 1.6e-2]})
+    result = run_sweep(
+        "lorakit.train.sweep:finetune_cell", cells, out, context={"base": base, "runs": str(out / "runs")}
+    )
+    assert not result.failed, [r.get("error") for r in load_cells(out)]
+    for record in load_cells(out):
+        summary = json.loads((Path(record["metrics"]["run_dir"]) / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["steps"] == 2
+        assert record["metrics"]["metric"] == pytest.approx(summary["final_metrics"]["accuracy"])
+        assert math.isfinite(record["metrics"]["train_loss"])
+        config = json.loads((Path(record["metrics"]["run_dir"]) / "config.json").read_text())
+        method = config["config"]["method"]
+        assert method["lr"] == record["cell"]["eta_a"]
+        assert method["lr"] * method["ratio"] == pytest.approx(record["cell"]["eta_b"])
+    assert (out / "heatmap_metric.png").exists() and (out / "heatmap_train_loss.png").exists()
+    again = run_sweep(
+        "lorakit.train.sweep:finetune_cell", cells, out, context={"base": base, "runs": str(out / "runs")}
+    )
+    assert len(again.skipped) == 2 and not again.ran
+
+
+def test_cli_sweep_synthetic(tmp_path, monkeypatch, capsys):
+    import lorakit.cli
+
+    monkeypatch.setattr(lorakit.cli, "COMMAND_MODULES", ("sweep",))
+    out = tmp_path / "dry"
+    argv = [
+        "sweep",
+        "--synthetic",
+        "--eta-a",
+        "1e-5,1e-4,1e-3",
+        "--eta-b",
+        "1e-4,1e-3,1e-2",
+        "--out",
+        str(out),
+    ]
+    assert lorakit.cli.main(argv) == 0
+    assert "9 cells ran" in capsys.readouterr().out
+    assert lorakit.cli.main(argv) == 0
+    assert "0 cells ran, 9 skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        lorakit.cli.main(["sweep", "--synthetic", "--eta-a", "x", "--eta-b", "1"])
+    assert "expected comma-separated numbers" in capsys.readouterr().err
