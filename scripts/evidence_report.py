@@ -182,9 +182,9 @@ def evidence_cell(
     ood_max: int | None = None,
 ) -> dict[str, Any]:
     """A main-grid cell: fine-tune, then (SST-2) score the final adapter on the OOD tweets."""
-    from lorakit.train.run import evaluate_run
-
     import torch
+
+    from lorakit.train.run import evaluate_run
 
     result = finetune_cell(cell, bases[cell["data"]], runs, data_root=data_root)
     result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
@@ -458,8 +458,8 @@ def render(args: argparse.Namespace) -> None:
         + (
             f"Missing: {', '.join(f'`{i}`' for i in failed)}."
             if failed
-            else "None missing: the 11 runs that had failed under bf16 autocast in the second call (a dtype bug "
-            "in the fused kernel's backward, since fixed and tested) were rerun in a third call and merged "
+            else "None missing: the 11 runs that had failed under bf16 autocast in the second call "
+            "(a dtype bug in the fused kernel's backward, since fixed and tested) were rerun in a third call and merged "
             "with `scripts/evidence_report.py merge`."
         ),
         "",

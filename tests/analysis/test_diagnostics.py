@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from types import SimpleNamespace
 
@@ -52,7 +53,7 @@ def test_deltas_equal_direct_computation() -> None:
     x = torch.randn(7, 6)
     a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     _step(model, opt, d, x)
-    a1, b1 = layer.lora_A.detach(), layer.lora_B.detach()
+    a1, b1 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     s = layer.scaling
     assert s == pytest.approx(2.0)
     expected = [
@@ -65,6 +66,21 @@ def test_deltas_equal_direct_computation() -> None:
         assert got[key] == pytest.approx(float(value), rel=1e-5)
         assert got[key] > 0
     assert got["lr_A"] == got["lr_B"] == pytest.approx(0.3)
+    # loss1/loss2 are the first-order loss contributions ⟨dZ̄, δ¹⟩, ⟨dZ̄, δ²⟩ (LoRA+ App. B), dZ̄ = dL/d(output)
+    outputs = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.retain_grad() or out))
+    with torch.no_grad():
+        layer.lora_A.copy_(a0)
+        layer.lora_B.copy_(b0)
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    handle.remove()
+    d_out = outputs[0].grad
+    delta1 = s * x @ (a1 - a0).T @ b0.T
+    delta2 = s * x @ a0.T @ (b1 - b0).T
+    assert got["loss1"] == pytest.approx(float((d_out * delta1).sum()), rel=1e-4)
+    assert got["loss2"] == pytest.approx(float((d_out * delta2).sum()), rel=1e-4)
+    assert got["loss1"] < 0 and got["loss2"] < 0  # an SGD step lowers the loss through each factor
     # the three terms add up to the exact change of the LoRA features
     change = s * (x @ a1.T @ b1.T - x @ a0.T @ b0.T)
     parts = s * (x @ (a1 - a0).T @ b0.T + x @ a0.T @ (b1 - b0).T + x @ (a1 - a0).T @ (b1 - b0).T)
@@ -81,8 +97,12 @@ def test_delta1_zero_when_a_frozen() -> None:
         _step(model, opt, d, torch.randn(4, 6))
     assert all(r["layers"][name]["delta1"] == 0.0 for r in d.records)
     assert all(r["layers"][name]["delta2"] > 0 for r in d.records)
-    with pytest.raises(ValueError, match="frozen"):
-        suggest_ratio(d.records)
+    assert all(r["layers"][name]["loss1"] is None for r in d.records)  # a buffer has no gradient
+    for criterion in ("feature", "loss"):
+        with pytest.raises(ValueError, match="frozen"):
+            suggest_ratio(d.records, criterion=criterion)
+    with pytest.raises(ValueError, match="criterion"):
+        suggest_ratio(d.records, criterion="rms")
 
 
 def test_every_k_jsonl_and_suggestion(tmp_path) -> None:
@@ -101,15 +121,52 @@ def test_every_k_jsonl_and_suggestion(tmp_path) -> None:
     expected = statistics.median(
         4.0 * r["layers"][name]["delta1"] / r["layers"][name]["delta2"] for r in records[1:]
     )
-    got = suggest_ratio(records, skip_fraction=0.0)
+    got = suggest_ratio(records, skip_fraction=0.0, criterion="feature")
     assert got.ratio == pytest.approx(expected)
     assert got.current_ratio == pytest.approx(4.0)
+    decreasing = [
+        r["layers"][name]
+        for r in records[1:]
+        if max(r["layers"][name]["loss1"], r["layers"][name]["loss2"]) < 0
+    ]
+    if decreasing:  # the default criterion balances the first-order loss decreases
+        got = suggest_ratio(records, skip_fraction=0.0)
+        assert got.criterion == "loss"
+        assert got.ratio == pytest.approx(
+            statistics.median(4.0 * v["loss1"] / v["loss2"] for v in decreasing)
+        )
+    assert suggest_ratio(records, skip_fraction=0.0, criterion="feature", max_step=3).samples == 1
     # the hook keeps at most max_rows rows: a second identical run with max_rows large changes the values
     assert d._tracked and d._tracked[0].x is None  # released after each step
 
-    args = argparse.Namespace(run=str(tmp_path), plot=None, lr_a=None, lr_b=None, skip_fraction=0.1)
+    args = argparse.Namespace(
+        run=str(tmp_path), plot=None, lr_a=None, lr_b=None, skip_fraction=0.1, criterion="loss"
+    )
     assert diagnose.run_diagnose(args) == 0
     assert (tmp_path / "diagnostics.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("criterion", ["feature", "loss"])
+def test_suggested_ratio_balances_one_gd_step_on_the_toy(criterion: str) -> None:
+    """The derivation: under GD each term is linear in its factor's rate at a fixed state, so one step from
+    the same state at (η, λ'·η) must make the two terms equal (the LoRA+ Fig. 2 toy, n = 100)."""
+    toy = pytest.importorskip("lorakit.experiments.loraplus_toy")
+    problem = toy.make_problem(100, n_train=200, n_test=10, seed=3)
+
+    def step_terms(eta_a: float, eta_b: float) -> dict[str, float]:
+        result = toy.train_configs(problem, [eta_a], [eta_b], 1, "gd", [1], delta_steps=[1])
+        values = (*result.deltas[:2, 0, 0], *result.loss_terms[:, 0, 0])
+        return {k: float(v) for k, v in zip(("delta1", "delta2", "loss1", "loss2"), values, strict=True)}
+
+    eta = 1e-3
+    first = step_terms(eta, eta)
+    record = {"step": 1, "layers": {"toy": {**first, "lr_A": eta, "lr_B": eta}}}
+    lam = suggest_ratio([record], skip_fraction=0.0, criterion=criterion).ratio
+    key1, key2 = ("delta1", "delta2") if criterion == "feature" else ("loss1", "loss2")
+    assert not math.isclose(first[key1], first[key2], rel_tol=0.1)  # unbalanced at λ = 1: the check can fail
+    balanced = step_terms(eta, lam * eta)
+    assert balanced[key1] == pytest.approx(first[key1], rel=1e-4)  # the A term does not depend on η_B
+    assert balanced[key2] == pytest.approx(balanced[key1], rel=1e-3)
 
 
 def test_diagnose_cli_errors(tmp_path) -> None:

@@ -6,18 +6,31 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lorakit.experiments import asymmetry, loraplus_toy
 
 pytestmark = pytest.mark.slow
 
 
-def test_loraplus_small_reproduction(tmp_path) -> None:
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread avoids oversubscription slow-downs on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_loraplus_small_reproduction(tmp_path, one_thread) -> None:
     config = loraplus_toy.ToyConfig(
         fig2_etas=tuple(np.logspace(-3, 0, 4)),
         fig2_steps=30,
-        fig2_seeds=1,
+        fig2_seeds=2,
         n_train=200,
+        ratio_scan_per_decade=4,
+        ratio_scan_decades=1.0,
+        ratio_iterations=2,
         widths=(64, 1024),
         width_seeds=2,
         width_n_train=32,
@@ -47,7 +60,29 @@ def test_loraplus_small_reproduction(tmp_path) -> None:
     scaled = data["deltas_vs_width"]["settings"]["eta_A_inv_n"]["delta1"]
     assert shared[-1] > 4 * shared[0]
     assert 0.5 < scaled[-1] / scaled[0] < 2.0
-    assert isinstance(data["ratio_suggestion_check"]["inside_band"], bool)
+    # ratio check: the band is what the scan and grid say, and inside_band is what the numbers say
+    check = data["ratio_suggestion_check"]
+    assert check["criterion"] == "loss"
+    for t, entry in check["by_step"].items():
+        band = entry["band"]
+        scan = np.asarray(band["scan_loss"])
+        limit = band["best_loss"] * (1 + config.tolerance)
+        assert (
+            band["best_loss"] <= np.min(scan)
+            and band["best_loss"] <= data["fig2"]["panels"][f"train@{t}"]["best"]["loss"]
+        )
+        near = np.asarray(band["scan_ratios"])[np.isfinite(scan) & (scan <= limit)]
+        assert sorted(near.tolist()) == pytest.approx(band["points_scan"])
+        points = band["points_scan"] + band["points_grid"]
+        assert points and band["band"][0] < min(points) <= max(points) < band["band"][1]
+        for criterion, found in entry["suggestions"].items():
+            assert found["ratio"] > 0 and len(found["per_seed"]) == config.fig2_seeds, criterion
+            assert found["inside_band"] == (band["band"][0] <= found["ratio"] <= band["band"][1])
+    final = check["by_step"][str(config.fig2_steps)]
+    assert check["suggested_ratio"] == final["suggestions"]["loss"]["ratio"]
+    assert check["band"] == final["band"]["band"]
+    assert check["inside_band"] == (check["band"][0] <= check["suggested_ratio"] <= check["band"][1])
+    assert check["iterated"][0] == 1.0 and check["iterated"][1] == pytest.approx(check["suggested_ratio"])
 
 
 def test_asymmetry_small_reproduction(tmp_path) -> None:

@@ -80,3 +80,17 @@ def test_unknown_layout_bad_label_and_missing_run(cli, capsys, tmp_path):
     assert "a lorakit run folder?" in capsys.readouterr().err
     assert cli("compare", "--methods", "lora:rank=x", "--data", str(rte)) == 2
     assert "bad value for 'rank'" in capsys.readouterr().err
+
+
+def test_help_shows_the_preset_defaults(cli, capsys):
+    """--help states each preset's learning rate and the default tweets sizes as the code defines them."""
+    from lorakit.train.methods import PRESETS
+    from lorakit.train.run import FinetuneConfig
+
+    for command in ("finetune", "compare"):
+        assert cli(command, "--help") == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for name, preset in PRESETS.items():
+            mantissa, exponent = f"{preset.lr:e}".split("e")
+            assert f"{name} {float(mantissa):g}e{int(exponent)}" in text, (command, name)
+    assert f"{FinetuneConfig.tweets_train:,} train / {FinetuneConfig.tweets_eval:,} eval" in text

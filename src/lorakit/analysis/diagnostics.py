@@ -32,26 +32,48 @@ File format of ``<run_dir>/diagnostics.jsonl`` (one JSON object per measured ste
 
     {"step": 10,
      "layers": {"<module path>": {"delta1": float, "delta2": float, "delta3": float, "ratio": float|null,
+                                  "loss1": float|null, "loss2": float|null,
                                   "lr_A": float|null, "lr_B": float|null}, ...},
      "overall": {"delta1": float, "delta2": float, "delta3": float, "ratio": float|null}}
 
-``ratio`` is δ¹/δ² (null when δ² = 0). ``overall`` is the root-mean-square over layers of each term.
+``ratio`` is δ¹/δ² (null when δ² = 0). ``loss1``/``loss2`` are ⟨dZ̄, δ¹⟩, ⟨dZ̄, δ²⟩ (below; null when the
+factor has no ``.grad``). ``overall`` is the root-mean-square over layers of each term.
 ``lr_A``/``lr_B`` are the learning rates of the param groups holding the layer's factors (null if the
 optimizer is unknown or the factor is frozen). The file is rewritten atomically after every measurement.
 
-**Ratio suggestion** (:func:`suggest_ratio`). With an update ``ΔA = −η_A P_A`` and ``ΔB = −η_B P_B``, δ¹ is
-linear in η_A and δ² linear in η_B at a given state: ``δ¹ = η_A·c₁``, ``δ² = η_B·c₂``. Changing the rates to
-(η_A', η_B') keeps c₁, c₂ to first order when the processed gradients P do not depend on the rates, which is
-what Adam/SignSGD give (their update is scale-free and Θ(1) per entry, the assumption of LoRA+ Theorem 1).
-Equal terms, η_A'·c₁ = η_B'·c₂, then need::
+**First-order loss terms** (LoRA+ Appendix B). The loss change of a step is, to first order,
+``ΔL ≈ ⟨dZ̄, ΔZ_B⟩ = ⟨dZ̄, δ¹⟩ + ⟨dZ̄, δ²⟩ + O(δ³)``, with ``dZ̄`` the loss gradient at the layer output. Since
+``∂L/∂A = s·Bᵀ dZ̄ xᵀ`` and ``∂L/∂B = s·dZ̄ (A x)ᵀ``, the two contributions are exactly
+``⟨dZ̄, δ¹⟩ = ⟨∂L/∂A, ΔA⟩`` and ``⟨dZ̄, δ²⟩ = ⟨∂L/∂B, ΔB⟩``. They are recorded as ``loss1`` and ``loss2``
+from the factors' ``.grad`` seen right before ``optimizer.step()`` (the whole batch's gradient, not only the
+``max_rows`` kept rows; negative = the step lowers the loss through that factor).
 
-    λ' = η_B'/η_A' = c₁/c₂ = (η_B/η_A) · (δ¹/δ²).
+**Ratio suggestion** (:func:`suggest_ratio`). Write the step of each factor as ``ΔA = −η_A P_A`` and
+``ΔB = −η_B P_B``, where the processed gradient P does not depend on the factor's own rate at a given state:
+P = ∇L for plain GD/SGD, and for Adam/SignSGD the scale-free normalised moment (the setting of LoRA+
+Theorem 1). Then, at that state, each term is linear in its own factor's rate:
 
-For plain SGD the same formula holds for one step at a fixed state, but P_A ∝ ‖B‖ and P_B ∝ ‖Ax‖ change
-with the trajectory, so the suggestion is only a local, first-order guide there. The estimate is the
+* ``criterion="feature"`` (LoRA+ §4, efficiency = δ¹ and δ² both Θ(1)): ``δ¹ = η_A·c₁`` with
+  ``c₁ = RMS(s·B P_A x)`` and ``δ² = η_B·c₂`` with ``c₂ = RMS(s·P_B A x)``;
+* ``criterion="loss"`` (LoRA+ Appendix B): ``−⟨dZ̄, δ¹⟩ = η_A·ℓ₁`` with ``ℓ₁ = ⟨∇_A L, P_A⟩`` and
+  ``−⟨dZ̄, δ²⟩ = η_B·ℓ₂`` with ``ℓ₂ = ⟨∇_B L, P_B⟩`` (for GD ``ℓ = ‖∇L‖²``).
+
+Keeping the state and changing the rates to (η_A', η_B'), the terms are equal when ``η_A'·c₁ = η_B'·c₂``::
+
+    λ' = η_B'/η_A' = c₁/c₂ = (η_B/η_A) · (term¹/term²)
+
+with term = δ (RMS) or −⟨dZ̄, δ⟩. This holds exactly for one step at a fixed state; over a run the state
+depends on the rates (for GD, ∇_A L ∝ B and ∇_B L ∝ A x change along the trajectory), so it is a local,
+first-order guide, and it may be iterated (measure at λ₀, suggest λ₁, re-measure at λ₁, …). The default is
+``"loss"``: the RMS of δ counts feature movement the loss does not see (units behind a dead ReLU, directions
+the next layers ignore) and only uses the ``max_rows`` kept rows, whereas −⟨dZ̄, δ⟩ is exactly each factor's
+share of the first-order loss decrease of the whole batch, the quantity Appendix B ties efficiency to.
+``"feature"`` remains the literal §4 criterion (and the one whose width scaling Theorem 1 states). Neither
+sees curvature or stability: balancing either term is LoRA+'s efficiency criterion, not a prediction of the
+rate pair with the lowest loss (under plain GD that pair sits at the edge of stability). The estimate is the
 median over measured steps and layers of the per-(step, layer) λ', skipping step 0 and the first
-``skip_fraction`` of the measured steps (transients, e.g. δ¹ = 0 while B = 0 under Init[1]). Balancing the
-terms is LoRA+'s efficiency criterion, not a guarantee of the lowest loss.
+``skip_fraction`` of the measured steps (transients, e.g. δ¹ = 0 while B = 0 under Init[1]); ``max_step``
+restricts it to early (feature-learning) steps.
 """
 
 from __future__ import annotations
@@ -120,12 +142,18 @@ def delta_terms(
     )
 
 
+def first_order_loss_term(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
+    """``⟨∇L, Δθ⟩`` of one factor: ⟨dZ̄, δ¹⟩ for A, ⟨dZ̄, δ²⟩ for B (module docstring; float64 sum)."""
+    return float((grad.double() * (after.double() - before.double())).sum())
+
+
 @dataclass
 class _Tracked:
     name: str
     layer: nn.Module
     x: torch.Tensor | None = None
     snapshot: tuple[torch.Tensor, torch.Tensor] | None = None
+    grads: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     handle: Any = None
 
 
@@ -209,12 +237,13 @@ class DeltaDiagnostics:
         self.step = int(step)
 
     def before_step(self) -> None:
-        """Call right before ``optimizer.step()``: snapshots A and B of the layers on measured steps."""
+        """Call right before ``optimizer.step()``: snapshots A, B and their gradients on measured steps."""
         if not self.armed:
             return
         for tracked in self._tracked:
             a, b = _factor(tracked.layer, "lora_A"), _factor(tracked.layer, "lora_B")
             tracked.snapshot = (a.detach().clone(), b.detach().clone())
+            tracked.grads = tuple(None if t.grad is None else t.grad.detach().clone() for t in (a, b))
 
     def after_step(self) -> dict[str, Any] | None:
         """Call right after ``optimizer.step()``: computes δ terms, records them, advances the counter."""
@@ -228,6 +257,7 @@ class DeltaDiagnostics:
         for tracked in self._tracked:
             tracked.x = None
             tracked.snapshot = None
+            tracked.grads = (None, None)
         self.step += 1
         return record
 
@@ -245,11 +275,19 @@ class DeltaDiagnostics:
                 x, a_prev, b_prev, _factor(layer, "lora_A"), _factor(layer, "lora_B"), float(layer.scaling)
             )
             lr_a, lr_b = lrs.get(id(layer.lora_A)), lrs.get(id(layer.lora_B))
+            loss1, loss2 = (
+                None if grad is None else first_order_loss_term(grad, prev, _factor(layer, name))
+                for grad, prev, name in zip(
+                    tracked.grads, (a_prev, b_prev), ("lora_A", "lora_B"), strict=True
+                )
+            )
             layers[tracked.name] = {
                 "delta1": d1,
                 "delta2": d2,
                 "delta3": d3,
                 "ratio": d1 / d2 if d2 > 0 else None,
+                "loss1": loss1,
+                "loss2": loss2,
                 "lr_A": lr_a,
                 "lr_B": lr_b,
             }
@@ -308,6 +346,10 @@ def read_diagnostics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+#: criteria of :func:`suggest_ratio`: which pair of per-factor terms is balanced
+CRITERIA = ("feature", "loss")
+
+
 @dataclass
 class RatioSuggestion:
     """Output of :func:`suggest_ratio`."""
@@ -316,16 +358,28 @@ class RatioSuggestion:
     current_ratio: float
     samples: int
     per_layer: dict[str, float] = field(default_factory=dict)
+    criterion: str = "loss"
 
 
 def balancing_ratio(delta1: float, delta2: float, current_ratio: float) -> float:
-    """``λ' = λ · δ¹/δ²``: the η_B/η_A that equalises δ¹ and δ² under Adam-like updates (module docstring)."""
+    """``λ' = λ · term¹/term²``: the η_B/η_A equalising two terms linear in η_A and η_B (module docstring).
+
+    ``delta1``, ``delta2``: the positive per-factor terms (δ RMS, or the first-order loss decreases).
+    """
     if not (delta1 > 0 and delta2 > 0 and current_ratio > 0):
         raise ValueError(
             f"lorakit.analysis.diagnostics: need positive delta1, delta2 and ratio, got "
             f"{delta1!r}, {delta2!r}, {current_ratio!r} (a frozen factor gives a zero term)"
         )
     return current_ratio * delta1 / delta2
+
+
+def _terms(layer: dict[str, Any], criterion: str) -> tuple[float, float] | None:
+    if criterion == "feature":
+        return layer["delta1"], layer["delta2"]
+    if layer.get("loss1") is None or layer.get("loss2") is None:
+        return None
+    return -layer["loss1"], -layer["loss2"]  # loss decreases
 
 
 def _records_iter(records: Iterable[dict[str, Any]] | str | os.PathLike) -> list[dict[str, Any]]:
@@ -339,28 +393,40 @@ def suggest_ratio(
     lr_A: float | None = None,
     lr_B: float | None = None,
     skip_fraction: float = 0.1,
+    criterion: str = "loss",
+    max_step: int | None = None,
 ) -> RatioSuggestion:
-    """Robust λ = η_B/η_A balancing δ¹ and δ²: median over steps and layers of ``λ_cur · δ¹/δ²``.
+    """Robust λ = η_B/η_A balancing the two factors' terms: median over steps and layers of ``λ_cur·t¹/t²``.
 
+    ``criterion``: ``"feature"`` balances the RMS feature changes δ¹ and δ² (LoRA+ §4); ``"loss"`` balances
+    the first-order loss decreases −⟨dZ̄, δ¹⟩ and −⟨dZ̄, δ²⟩ (LoRA+ App. B; needs ``loss1``/``loss2`` in the
+    records). Derivation and caveats in the module docstring.
     ``records``: diagnostics records (as written by :class:`DeltaDiagnostics`) or a path to them.
     ``lr_A``, ``lr_B``: the rates used, when the records lack them (records' own values win).
-    Skips step 0 and the first ``skip_fraction`` of the remaining measured steps; ignores entries with a
-    zero term. Raises ``ValueError`` when nothing usable remains (e.g. A or B frozen).
+    Uses steps ``1..max_step`` (all when None), then skips the first ``skip_fraction`` of them; ignores
+    entries whose terms are not both positive (a frozen factor, or a step that raised the loss to first
+    order). Raises ``ValueError`` when nothing usable remains.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(
+            f"lorakit.analysis.diagnostics: criterion must be one of {CRITERIA}, not {criterion!r}"
+        )
     if not 0.0 <= skip_fraction < 1.0:
         raise ValueError(
             f"lorakit.analysis.diagnostics: skip_fraction must be in [0, 1), not {skip_fraction}"
         )
-    items = sorted((r for r in _records_iter(records) if r["step"] > 0), key=lambda r: r["step"])
+    last = math.inf if max_step is None else max_step
+    items = sorted((r for r in _records_iter(records) if 0 < r["step"] <= last), key=lambda r: r["step"])
     items = items[int(len(items) * skip_fraction) :]
     values: list[float] = []
     current: list[float] = []
     per_layer_values: dict[str, list[float]] = {}
     for record in items:
         for name, layer in record["layers"].items():
-            d1, d2 = layer["delta1"], layer["delta2"]
-            if not (d1 > 0 and d2 > 0):  # a frozen factor (or no update): nothing to balance
-                continue
+            terms = _terms(layer, criterion)
+            if terms is None or not (terms[0] > 0 and terms[1] > 0):
+                continue  # a frozen factor, no gradient recorded, or a first-order loss increase
+            d1, d2 = terms
             la = layer.get("lr_A") if layer.get("lr_A") is not None else lr_A
             lb = layer.get("lr_B") if layer.get("lr_B") is not None else lr_B
             if la is None or lb is None:
@@ -375,15 +441,17 @@ def suggest_ratio(
             current.append(lb / la)
             per_layer_values.setdefault(name, []).append(value)
     if not values:
+        needs = "delta1 > 0 and delta2 > 0" if criterion == "feature" else "loss1 < 0 and loss2 < 0"
         raise ValueError(
-            "lorakit.analysis.diagnostics: no measurement with both delta1 > 0 and delta2 > 0 after skipping "
-            "the first steps; is one factor frozen?"
+            f"lorakit.analysis.diagnostics: no measurement with both {needs} after skipping the first "
+            "steps; is one factor frozen?"
         )
     return RatioSuggestion(
         ratio=statistics.median(values),
         current_ratio=statistics.median(current),
         samples=len(values),
         per_layer={name: statistics.median(v) for name, v in per_layer_values.items()},
+        criterion=criterion,
     )
 
 

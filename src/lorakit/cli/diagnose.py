@@ -2,7 +2,8 @@
 
 Reads ``RUN/diagnostics.jsonl`` written by :class:`lorakit.analysis.diagnostics.DeltaDiagnostics` (format in
 that module's docstring), prints per layer and overall the median δ¹, δ², δ³ and δ¹/δ² over the measured
-steps (first and last measured values of the ratio too), the suggested ratio, and saves
+steps (first and last measured values of the ratio too), the suggested ratio under each criterion
+(``loss``: balance −⟨dZ̄, δ¹⟩ and −⟨dZ̄, δ²⟩, the default; ``feature``: balance the RMS δ¹ and δ²), and saves
 ``RUN/diagnostics.png`` (δ¹ solid, δ² dashed, per layer, log scale, against the step).
 """
 
@@ -13,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lorakit.analysis.diagnostics import iter_layer_series, read_diagnostics, suggest_ratio
+from lorakit.analysis.diagnostics import CRITERIA, iter_layer_series, read_diagnostics, suggest_ratio
 from lorakit.cli import LorakitError
 from lorakit.utils import atomic_save_figure
 
@@ -31,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr-a", type=float, default=None, help="η_A if the file has no learning rates")
     parser.add_argument("--lr-b", type=float, default=None, help="η_B if the file has no learning rates")
     parser.add_argument("--skip-fraction", type=float, default=0.1, help="early measured steps ignored")
+    parser.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default="loss",
+        help="headline suggestion: balance first-order loss decreases (loss, default) or RMS δ (feature)",
+    )
     parser.set_defaults(func=run_diagnose)
 
 
@@ -115,14 +122,19 @@ def run_diagnose(args: argparse.Namespace) -> int:
             f"{_fmt(row['delta3']):>9s} {_fmt(row['ratio']):>9s} {_fmt(row['ratio_first']):>9s} "
             f"{_fmt(row['ratio_last']):>9s}"
         )
-    try:
-        suggestion = suggest_ratio(records, lr_A=args.lr_a, lr_B=args.lr_b, skip_fraction=args.skip_fraction)
-    except ValueError as error:
-        print(f"suggested ratio: unavailable ({error})")
-    else:
+    criterion = getattr(args, "criterion", "loss")
+    for name in sorted(CRITERIA, key=lambda c: c != criterion):
+        try:
+            suggestion = suggest_ratio(
+                records, lr_A=args.lr_a, lr_B=args.lr_b, skip_fraction=args.skip_fraction, criterion=name
+            )
+        except ValueError as error:
+            print(f"suggested ratio ({name}): unavailable ({error})")
+            continue
         print(
-            f"current η_B/η_A = {suggestion.current_ratio:.3g}; suggested η_B/η_A = {suggestion.ratio:.3g} "
-            f"(median of {suggestion.samples} layer-steps; assumes Adam-like updates)"
+            f"{'suggested' if name == criterion else 'alternative'} ({name} balance): current η_B/η_A = "
+            f"{suggestion.current_ratio:.3g} -> η_B/η_A = {suggestion.ratio:.3g} (median of "
+            f"{suggestion.samples} layer-steps; first-order, ignores curvature/stability)"
         )
     plot = Path(args.plot) if args.plot else (run if run.is_dir() else run.parent) / "diagnostics.png"
     plot_deltas(records, plot)

@@ -12,6 +12,12 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METHOD_NAMES = ("lora", "loraplus", "asym", "freeze-b", "full", "head")
+# eta_A of each preset, as in lorakit.train.methods.PRESETS (tests/train/test_cli_errors.py checks that
+# they agree); spelled out so that building the parser does not import lorakit.train (seconds on a busy CPU).
+PRESET_LRS = (
+    "lora 8e-3, loraplus 5e-4 (eta_B = 16 x eta_A), asym 8e-3, freeze-b 1e-3, full 5e-5, head 2e-3"
+)
+TWEETS_SIZES = "1,500 train / 500 eval"
 
 
 def _positive_int(text: str) -> int:
@@ -117,7 +123,8 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=_positive_float,
         default=None,
-        help="eta_A; eta_B = ratio * eta_A (default: the method's, 5e-4 for lora/loraplus)",
+        help=f"eta_A; eta_B = ratio * eta_A (default: the method's: {PRESET_LRS}; tuned for the ~100-step "
+        "default compare, see lorakit.train.methods)",
     )
     group.add_argument(
         "--ratio", type=_positive_float, default=None, help="LoRA+ ratio eta_B/eta_A (loraplus: 16)"
@@ -255,8 +262,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compare methods x seeds on one or more tasks: table, bar chart PNG + JSON",
         description="Fine-tune each method with each seed on each dataset, print mean ± std of the task "
         "metric, train samples/s, trainable params and peak memory, and save OUT/compare.json + "
-        "OUT/compare.png. With no arguments: MiniLM on the embedded tweets task (2,000 train / 500 eval), "
-        "lora vs loraplus vs asym.",
+        f"OUT/compare.png. With no arguments: MiniLM on the embedded tweets task ({TWEETS_SIZES}, 1 epoch), "
+        f"lora vs loraplus vs asym at the preset learning rates ({PRESET_LRS}).",
         epilog="examples:\n"
         "  lorakit compare                                  # offline default, a few minutes\n"
         "  lorakit compare --data glue/RTE glue/MRPC glue/CoLA \\\n"

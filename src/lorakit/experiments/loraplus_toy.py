@@ -98,6 +98,7 @@ class GridResult:
     test_loss: np.ndarray
     delta_steps: list[int]
     deltas: np.ndarray  # (3, G, len(delta_steps)): RMS δ¹, δ², δ³ per step (nan once diverged)
+    loss_terms: np.ndarray | None = None  # (2, G, len(delta_steps)): ⟨∇_A L, ΔA⟩, ⟨∇_B L, ΔB⟩ per step
 
     def mean_deltas(self) -> np.ndarray:
         """(3, G) mean over the measured steps (nan for diverged configurations)."""
@@ -131,7 +132,9 @@ def train_configs(
     ``record_steps`` (1-based; default: the last). δ terms (LoRA+ §4) of step t are measured on the first
     ``delta_rows`` training inputs for every t in ``delta_steps`` (default: every step after the first)
     and averaged: δ¹ = B_{t-1}(A_t - A_{t-1})h, δ² = (B_t - B_{t-1})A_{t-1}h, δ³ = ΔB ΔA h, RMS over
-    rows and units, where h = relu(W_in x) is the adapted layer's input.
+    rows and units, where h = relu(W_in x) is the adapted layer's input. On the same steps the first-order
+    loss terms ⟨dZ̄, δ¹⟩ = ⟨∇_A L, ΔA⟩ and ⟨dZ̄, δ²⟩ = ⟨∇_B L, ΔB⟩ (LoRA+ App. B) are taken with the full
+    training batch (``loss_terms``).
     """
     if optimizer not in ("gd", "adam"):
         raise ValueError(f"loraplus_toy: optimizer must be 'gd' or 'adam', got {optimizer!r}")
@@ -151,6 +154,7 @@ def train_configs(
     chunk = max(1, _CHUNK_ELEMENTS // (problem.x_train.shape[0] * problem.width))
     out = {k: np.full((G, len(record)), np.inf) for k in ("train", "test")}
     deltas = np.full((3, G, len(measured)), np.nan)
+    loss_terms = np.full((2, G, len(measured)), np.nan)
     h_train = torch.relu(problem.x_train @ problem.W_in.T)
     h_test = torch.relu(problem.x_test @ problem.W_in.T)
     h_delta = h_train[:delta_rows]
@@ -197,6 +201,8 @@ def train_configs(
                 col = measured.index(t)
                 for i, d in enumerate((d1, d2, d3)):
                     deltas[i, lo:hi, col] = d.pow(2).mean((1, 2)).sqrt().double().numpy()
+                for i, (grad, change) in enumerate(((gA, dA), (gB, dB))):
+                    loss_terms[i, lo:hi, col] = (grad.double() * change.double()).sum((1, 2)).numpy()
             A = A + dA
             B = B + dB
             # loss after step t (the loss the parameters of step t give)
@@ -218,9 +224,10 @@ def train_configs(
                 out["test"][lo:hi, col] = np.where(ok, test_loss.double().numpy(), np.inf)
         dead = np.flatnonzero(~alive.numpy()) + lo
         deltas[:, dead, :] = np.nan
+        loss_terms[:, dead, :] = np.nan
         if progress is not None:
             progress.update(g)
-    return GridResult(record, out["train"], out["test"], measured, deltas)
+    return GridResult(record, out["train"], out["test"], measured, deltas, loss_terms)
 
 
 # -- experiment configuration ------------------------------------------------------------------------
@@ -239,6 +246,10 @@ class ToyConfig:
     n_train: int = 1000
     n_test: int = 100
     tolerance: float = 0.01
+    # ratio check: λ scan at the best eta_A (points per decade, ± decades), iterations of suggest_ratio
+    ratio_scan_per_decade: int = 8
+    ratio_scan_decades: float = 1.5
+    ratio_iterations: int = 3
     # width study
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     width_seeds: int = 3
@@ -254,13 +265,17 @@ class ToyConfig:
     optimizers: tuple[str, ...] = ("adam", "gd")
 
 
+#: criterion of the headline ratio suggestion (the documented default of ``suggest_ratio``)
+RATIO_CRITERION = "loss"
 #: centre of the eta_A grid times n, per optimizer (best eta_A * n is about 1 for Adam, 3 for GD here)
 ETA_A_SCALE = {"adam": 1.0, "gd": 3.0}
 
 
 def quick_config() -> ToyConfig:
-    """``--quick``: the paper's sizes with a half-decade Fig. 2 grid; a small width study (CPU, minutes)."""
-    return ToyConfig()
+    """``--quick``: the paper's toy sizes and 3 seeds on a half-decade Fig. 2 grid over [1e-4, 1] (every
+    eta_A >= 0.1 diverges, so the paper's upper decade only adds diverged cells); a small width study.
+    About 2 CPU minutes on one thread."""
+    return ToyConfig(fig2_etas=tuple(np.logspace(-4, 0, 9)))
 
 
 def full_config() -> ToyConfig:
@@ -340,51 +355,138 @@ def run_fig2(config: ToyConfig, progress: bool = True) -> dict[str, Any]:
     return out
 
 
-def run_ratio_check(config: ToyConfig, fig2: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Feed ``suggest_ratio`` the δ¹, δ² of GD runs at the best equal-rate cell; compare with the band.
+def _records(result: GridResult, index: int, lr_a: float, lr_b: float, name: str) -> list[dict[str, Any]]:
+    """Diagnostics-format records (``lorakit.analysis.diagnostics``) of configuration ``index``."""
+    records = []
+    for col, t in enumerate(result.delta_steps):
+        d1, d2, d3 = (float(result.deltas[i, index, col]) for i in range(3))
+        l1, l2 = (float(result.loss_terms[i, index, col]) for i in range(2))
+        if all(math.isfinite(v) for v in (d1, d2, l1, l2)):
+            layer = {"delta1": d1, "delta2": d2, "delta3": d3, "loss1": l1, "loss2": l2}
+            records.append({"step": t, "layers": {name: {**layer, "lr_A": lr_a, "lr_B": lr_b}}})
+    return records
 
-    The band is the range of eta_B/eta_A over cells within ``tolerance`` of the best train loss at the
-    final step, widened by half a grid step on each side (the grid cannot resolve ratios more finely).
+
+def _measure(config: ToyConfig, eta_a: float, eta_b: float) -> list[dict[str, Any]] | None:
+    """GD runs at (eta_a, eta_b) as records: one layer name per seed; None if a seed diverged."""
+    records: list[dict[str, Any]] = []
+    for seed in range(config.fig2_seeds):
+        problem = make_problem(config.fig2_width, n_train=config.n_train, n_test=config.n_test, seed=seed)
+        steps = list(range(1, config.fig2_steps + 1))
+        result = train_configs(problem, [eta_a], [eta_b], config.fig2_steps, "gd", [config.fig2_steps], steps)
+        if not np.isfinite(result.train_loss[0, 0]):
+            return None
+        records.extend(_records(result, 0, eta_a, eta_b, f"seed{seed}"))
+    return records
+
+
+def _suggestions(records: list[dict[str, Any]], max_step: int | None) -> dict[str, Any]:
+    """Pooled (median over seeds and steps) and per-seed λ for both criteria, steps 1..max_step."""
+    from lorakit.analysis.diagnostics import CRITERIA, suggest_ratio
+
+    out = {}
+    for criterion in CRITERIA:
+        got = suggest_ratio(records, skip_fraction=0.0, criterion=criterion, max_step=max_step)
+        out[criterion] = {"ratio": got.ratio, "per_seed": got.per_layer, "samples": got.samples}
+    return out
+
+
+def _ratio_band(config: ToyConfig, fig2: dict[str, Any], t: int) -> dict[str, Any]:
+    """λ band within ``tolerance`` of the best seed-mean train loss at step t.
+
+    Grid cells within tolerance (any eta_A) count with ± half a grid step; a finer scan of λ at the best
+    cell's eta_A (``ratio_scan_per_decade`` points per decade over ± ``ratio_scan_decades``, all seeds)
+    counts with ± half a scan step. The best loss is the lower of the grid's and the scan's. ``band`` is the
+    hull of these intervals; ``points`` lists the λ values inside (the hull need not be contiguous).
+    """
+    panel = fig2["panels"][f"train@{t}"]
+    etas = np.asarray(fig2["eta_grid"])
+    grid = np.asarray(panel["loss_grid"])
+    eta_a, lam_best = panel["best"]["eta_A"], panel["best"]["ratio"]
+    k = np.arange(
+        -config.ratio_scan_decades * config.ratio_scan_per_decade,
+        0.5 + config.ratio_scan_decades * config.ratio_scan_per_decade,
+    )
+    lams = lam_best * 10.0 ** (k / config.ratio_scan_per_decade)
+    scan = []
+    for seed in range(config.fig2_seeds):
+        problem = make_problem(config.fig2_width, n_train=config.n_train, n_test=config.n_test, seed=seed)
+        result = train_configs(problem, np.full(len(lams), eta_a), eta_a * lams, t, "gd", [t], delta_steps=[])
+        scan.append(result.train_loss[:, 0])
+    scan_loss = np.mean(scan, axis=0)
+    best = min(float(np.min(scan_loss)), panel["best"]["loss"])
+    limit = best * (1.0 + config.tolerance)
+    grid_half = math.sqrt(etas[1] / etas[0]) if len(etas) > 1 else 1.0
+    scan_half = 10.0 ** (0.5 / config.ratio_scan_per_decade)
+    EA, EB = np.meshgrid(etas, etas, indexing="ij")
+    near_grid = (EB / EA)[np.isfinite(grid) & (grid <= limit)]
+    near_scan = lams[np.isfinite(scan_loss) & (scan_loss <= limit)]
+    intervals = [(v / grid_half, v * grid_half) for v in near_grid] + [
+        (v / scan_half, v * scan_half) for v in near_scan
+    ]
+    return {
+        "step": t,
+        "eta_A": eta_a,
+        "best_loss": best,
+        "scan_ratios": lams.tolist(),
+        "scan_loss": scan_loss.tolist(),
+        "points_grid": sorted(float(v) for v in near_grid),
+        "points_scan": sorted(float(v) for v in near_scan),
+        "band": [min(lo for lo, _ in intervals), max(hi for _, hi in intervals)],
+    }
+
+
+def run_ratio_check(config: ToyConfig, fig2: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Check ``suggest_ratio`` on the Fig. 2 toy against the near-best λ band, at t = early and t = T.
+
+    δ¹, δ² and the first-order loss terms are measured on GD runs at the best equal-rate cell of the final
+    train-loss panel (the point a user who tuned plain LoRA starts from), for every seed. Suggestions use
+    steps 1..t for the panel at t, per criterion, pooled over seeds and per seed. The default criterion is
+    also iterated ``ratio_iterations`` times: run at (eta, λ_k·eta), suggest λ_{k+1}. The headline
+    ``suggested_ratio`` / ``band`` / ``inside_band`` are the default criterion's one-shot suggestion and the
+    band at t = T.
     """
     from lorakit.analysis.diagnostics import suggest_ratio
 
-    panel = fig2["panels"][f"train@{config.fig2_steps}"]
-    eta = panel["best_equal"]["eta"]
-    records = []
-    for seed in range(config.fig2_seeds):
-        problem = make_problem(config.fig2_width, n_train=config.n_train, n_test=config.n_test, seed=seed)
-        result = train_configs(problem, [eta], [eta], config.fig2_steps, "gd", [config.fig2_steps])
-        for col, t in enumerate(result.delta_steps):
-            d1, d2, d3 = (float(result.deltas[i, 0, col]) for i in range(3))
-            if math.isfinite(d1) and math.isfinite(d2):
-                records.append(
-                    {
-                        "step": t,
-                        "layers": {
-                            f"seed{seed}": {
-                                "delta1": d1,
-                                "delta2": d2,
-                                "delta3": d3,
-                                "lr_A": eta,
-                                "lr_B": eta,
-                            }
-                        },
-                    }
-                )
-    suggestion = suggest_ratio(records)
-    etas = np.asarray(fig2["eta_grid"])
-    half_step = math.sqrt(etas[1] / etas[0]) if len(etas) > 1 else 1.0
-    lo, hi = panel["near_best_ratio_band"]
-    band = [lo / half_step, hi * half_step]
+    eta = fig2["panels"][f"train@{config.fig2_steps}"]["best_equal"]["eta"]
+    steps = [config.fig2_early, config.fig2_steps]
+    with tqdm(
+        total=len(steps) + 1 + config.ratio_iterations, desc="ratio check", disable=not progress
+    ) as bar:
+        records = _measure(config, eta, eta)
+        bar.update(1)
+        by_step = {}
+        for t in steps:
+            band = _ratio_band(config, fig2, t)
+            found = _suggestions(records, t) if records is not None else {}
+            for value in found.values():
+                value["inside_band"] = bool(band["band"][0] <= value["ratio"] <= band["band"][1])
+            by_step[str(t)] = {"band": band, "suggestions": found}
+            bar.update(1)
+        iterates: list[float | None] = [1.0]
+        current = records
+        for _ in range(config.ratio_iterations):
+            if current is None:
+                iterates.append(None)  # the run at the previous λ diverged
+                break
+            iterates.append(suggest_ratio(current, skip_fraction=0.0, criterion=RATIO_CRITERION).ratio)
+            current = _measure(config, eta, eta * iterates[-1])
+            bar.update(1)
+    final = by_step[str(config.fig2_steps)]
+    headline = final["suggestions"].get(RATIO_CRITERION, {}).get("ratio")
+    band = final["band"]["band"]
     return {
         "run_at_equal_eta": eta,
-        "suggested_ratio": suggestion.ratio,
-        "suggested_ratio_per_seed": suggestion.per_layer,
-        "measurements": suggestion.samples,
-        "near_best_band_strict": [lo, hi],
-        "near_best_band_half_step": band,
-        "inside_band": bool(band[0] <= suggestion.ratio <= band[1]),
-        "assumption": "derived for Adam-like scale-free updates; the Fig. 2 toy uses plain GD",
+        "criterion": RATIO_CRITERION,
+        "suggested_ratio": headline,
+        "band": band,
+        "inside_band": headline is not None and bool(band[0] <= headline <= band[1]),
+        "iterated": iterates,
+        "iterated_inside_band": [None if v is None else bool(band[0] <= v <= band[1]) for v in iterates[1:]],
+        "by_step": by_step,
+        "measuring_run_diverged": records is None,
+        "assumption": "first-order balance of two terms linear in eta_A and eta_B (GD: exact for one step "
+        "at a fixed state); it ignores curvature, while the best GD cells sit at the edge of stability",
     }
 
 
@@ -516,7 +618,7 @@ def run_delta_width(config: ToyConfig, progress: bool = True) -> dict[str, Any]:
             mean = np.nanmean(per_seed, axis=0)
             for i, key in enumerate(("delta1", "delta2", "delta3")):
                 rows[key].append(float(mean[i]))
-            rows["suggested_ratio"].append(suggest_ratio(records).ratio)
+            rows["suggested_ratio"].append(suggest_ratio(records, criterion="feature").ratio)
         out["settings"][name] = rows
     return out
 
@@ -524,8 +626,10 @@ def run_delta_width(config: ToyConfig, progress: bool = True) -> dict[str, Any]:
 # -- figures ------------------------------------------------------------------------------------------
 
 
-def plot_fig2(fig2: dict[str, Any], path: Path) -> None:
-    """2×2 heatmaps of log10 loss (train/test × early/final), eta_A on x, eta_B on y."""
+def plot_fig2(fig2: dict[str, Any], path: Path, ratio: dict[str, Any] | None = None) -> None:
+    """2×2 heatmaps of log10 loss (train/test × early/final), eta_A on x, eta_B on y; with ``ratio`` (the
+    output of :func:`run_ratio_check`) the suggested λ is drawn as eta_B = λ·eta_A on the train panels and the
+    suggestion, band and hit/miss are stated in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -550,8 +654,22 @@ def plot_fig2(fig2: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("log10 eta_B  (B: n x r, output factor)")
         best = panel["best"]
         ax.set_title(f"{key}: best (eta_A, eta_B) = ({best['eta_A']:.3g}, {best['eta_B']:.3g})")
+        if ratio is not None and key.startswith("train@"):
+            entry = ratio["by_step"].get(key.split("@")[1], {})
+            found = entry.get("suggestions", {}).get(ratio["criterion"])
+            if found is not None:
+                ax.plot(log_eta, log_eta + math.log10(found["ratio"]), ":", color="red", label="suggested λ")
+                ax.set_ylim(log_eta[0] - 0.25, log_eta[-1] + 0.25)
         ax.legend(loc="lower left", fontsize=7)
-    fig.suptitle(f"LoRA+ toy (Fig. 2), n={fig2['width']}, GD, mean of {fig2['seeds']} seeds")
+    title = f"LoRA+ toy (Fig. 2), n={fig2['width']}, GD, mean of {fig2['seeds']} seeds"
+    if ratio is not None and ratio["suggested_ratio"] is not None:
+        lo, hi = ratio["band"]
+        verdict = "inside" if ratio["inside_band"] else "MISSES"
+        title += (
+            f"\nsuggested λ = {ratio['suggested_ratio']:.3g} ({ratio['criterion']} balance) {verdict} the "
+            f"1%-of-best band [{lo:.3g}, {hi:.3g}] at t={fig2['steps'][-1]}"
+        )
+    fig.suptitle(title)
     atomic_save_figure(fig, path)
 
 
@@ -636,7 +754,7 @@ def reproduce(config: ToyConfig, out_dir: str | Path, progress: bool = True) -> 
         "deltas_vs_width": deltas,
         "wall_seconds": time.perf_counter() - start,
     }
-    plot_fig2(fig2, out_dir / "fig2_heatmaps.png")
+    plot_fig2(fig2, out_dir / "fig2_heatmaps.png", ratio)
     plot_width(width, deltas, out_dir / "width_scaling.png")
     atomic_write_json(out_dir / "loraplus_toy.json", results)
     return results
@@ -645,7 +763,8 @@ def reproduce(config: ToyConfig, out_dir: str | Path, progress: bool = True) -> 
 def run(args: argparse.Namespace) -> int:
     """``lorakit reproduce loraplus``."""
     config = full_config() if args.full else quick_config()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    # one thread: the models are tiny, and extra threads on a busy machine slow small matmuls down a lot
+    torch.set_num_threads(1)
     results = reproduce(config, args.out, progress=not args.no_progress)
     fig2 = results["fig2"]["panels"][f"test@{config.fig2_steps}"]["best"]
     logger.info(

