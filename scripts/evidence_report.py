@@ -459,8 +459,8 @@ def render(args: argparse.Namespace) -> None:
             f"Missing: {', '.join(f'`{i}`' for i in failed)}."
             if failed
             else "None missing: the 11 runs that had failed under bf16 autocast in the second call "
-            "(a dtype bug in the fused kernel's backward, since fixed and tested) were rerun in a third call and merged "
-            "with `scripts/evidence_report.py merge`."
+            "(a dtype bug in the fused kernel's backward, since fixed and tested) were rerun in a third "
+            "call and merged with `scripts/evidence_report.py merge`."
         ),
         "",
         "### Throughput and memory (SST-2, 300 steps, batch 32, one run alone on the GPU)",
