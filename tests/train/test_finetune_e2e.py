@@ -200,3 +200,16 @@ def test_compare_table_json_png_and_reuse(tiny_model, sentiment_files, tmp_path)
     # A second call reuses the finished runs (same summaries, no new training).
     again = compare(base, ["lora", "asym:r=4"], seeds=[0, 1], out=tmp_path / "cmp")
     assert [r.wall_time_s for r in again.runs] == [r.wall_time_s for r in result.runs]
+
+
+def test_compare_cli_with_curves(tiny_model, sentiment_files, tmp_path, capsys):
+    import lorakit.cli
+
+    out = tmp_path / "cmp"
+    data = ["--data", str(sentiment_files / "train.tsv"), "--eval-data", str(sentiment_files / "dev.tsv")]
+    options = ["--model", tiny_model, "--methods", "lora", "loraplus", "--rank", "2", "--max-steps", "4"]
+    options += ["--eval-every", "2", "--batch-size", "8", "--max-length", "16", "--no-progress"]
+    assert lorakit.cli.main(["compare", *data, *options, "--curves", "--out", str(out)]) == 0
+    report = json.loads((out / "curves" / "curves.json").read_text())
+    assert report and (out / "curves" / "curves.png").stat().st_size > 1000
+    assert "lora" in capsys.readouterr().out

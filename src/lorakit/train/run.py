@@ -342,8 +342,12 @@ def _mixed_precision(precision: str) -> str:
 def _make_accelerator(config: FinetuneConfig) -> Any:
     from accelerate import Accelerator
 
+    # cpu=True on a machine without CUDA: under torchrun / accelerate launch the processes then form one
+    # MULTI_CPU group instead of N independent runs writing the same folder.
     return Accelerator(
-        gradient_accumulation_steps=config.grad_accum, mixed_precision=_mixed_precision(config.precision)
+        gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=_mixed_precision(config.precision),
+        cpu=not torch.cuda.is_available(),
     )
 
 
@@ -396,6 +400,8 @@ def finetune(
     )
 
     wall_start = time.perf_counter()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()  # compare runs many fine-tunes in one process
     task = task or load_task(
         config.data,
         eval_data=config.eval_data,
