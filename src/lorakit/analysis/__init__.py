@@ -1,9 +1,14 @@
-"""Analysis tools: LoRA+ efficiency diagnostics (δ¹/δ² per layer, ratio suggestion).
+"""Analysis of adapters and training runs.
 
-``lorakit.analysis.diagnostics`` measures, during training, how much each LoRA factor moves the layer's
-features (Hayou et al., LoRA+) and suggests the η_B/η_A ratio that balances the two factors.
+- :mod:`~lorakit.analysis.diagnostics`: LoRA+ efficiency terms δ¹/δ² per layer during training (Hayou et
+  al.) and the η_B/η_A ratio that balances them.
+- :mod:`~lorakit.analysis.similarity`: subspace similarity of A, B and ΔW across adapters (Hu et al.'s φ,
+  principal angles, CCA as in Zhu et al.'s Fig. 1).
+- :mod:`~lorakit.analysis.spectrum`: singular values, effective rank and energy ranks of ΔW = s·B·A.
+- :mod:`~lorakit.analysis.adapter_io`: read the factors of any adapter folder saved by PEFT or lorakit.
 """
 
+from lorakit.analysis.adapter_io import Adapter, AdapterLayer, load_adapter_factors
 from lorakit.analysis.diagnostics import (
     DeltaDiagnostics,
     RatioSuggestion,
@@ -12,12 +17,22 @@ from lorakit.analysis.diagnostics import (
     read_diagnostics,
     suggest_ratio,
 )
+from lorakit.analysis.similarity import compare_adapters, compare_subspaces, pairwise_similarity, phi
+from lorakit.analysis.spectrum import delta_spectrum
 
 __all__ = [
+    "Adapter",
+    "AdapterLayer",
     "DeltaDiagnostics",
     "RatioSuggestion",
     "balancing_ratio",
+    "compare_adapters",
+    "compare_subspaces",
+    "delta_spectrum",
     "delta_terms",
+    "load_adapter_factors",
+    "pairwise_similarity",
+    "phi",
     "read_diagnostics",
     "suggest_ratio",
 ]
