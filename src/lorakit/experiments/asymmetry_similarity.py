@@ -74,9 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model path or id (default: the offline MiniLM package)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    # 5e-4 left SST-2 at chance in this budget (accuracy 0.49 after 126 steps); 3e-3 learns it (0.78–0.80).
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of A and B (default 3e-3)")
     parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--train-samples", type=int, default=1000, help="training examples per task")
+    parser.add_argument("--train-samples", type=int, default=1500, help="training examples per task")
     parser.add_argument("--eval-samples", type=int, default=300, help="evaluation examples per task")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
