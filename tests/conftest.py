@@ -51,3 +51,12 @@ def tiny_gpt2():
         vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
     )
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test uses tiny tensors: one thread is faster there and avoids thrashing on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -16,15 +16,6 @@ from lorakit.analysis.adapter_io import load_adapter_factors, module_scaling
 MODULES = ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: intra-op threads only spin-wait on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(lorakit.cli, "COMMAND_MODULES", (*lorakit.cli.COMMAND_MODULES, "analyze"))

@@ -6,23 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from lorakit.experiments import asymmetry, loraplus_toy
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread avoids oversubscription slow-downs on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_loraplus_small_reproduction(tmp_path, one_thread) -> None:
+def test_loraplus_small_reproduction(tmp_path) -> None:
     config = loraplus_toy.ToyConfig(
         fig2_etas=tuple(np.logspace(-3, 0, 4)),
         fig2_steps=30,

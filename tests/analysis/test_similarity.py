@@ -21,15 +21,6 @@ from lorakit.analysis.similarity import (
 from lorakit.analysis.spectrum import delta_spectrum, lowrank_svd, rank_for_energy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: intra-op threads only spin-wait on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]

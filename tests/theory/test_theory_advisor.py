@@ -15,15 +15,6 @@ from lorakit.theory.advisor import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 matrices: one thread is faster, and avoids thrashing when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _with_spectrum(s: list[float], m: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))

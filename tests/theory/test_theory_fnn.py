@@ -11,15 +11,6 @@ from lorakit.theory.models import FNN, TFN
 from lorakit.theory.transformer import construct_tfn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 matrices: one thread is faster, and avoids thrashing when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _pair(D: int, Lbar: int, L: int, seed: int, last_relu: bool = True) -> tuple[FNN, FNN]:
     g = torch.Generator().manual_seed(seed)
     target = FNN.random(D, Lbar, g, last_relu=last_relu)

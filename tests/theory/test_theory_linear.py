@@ -8,15 +8,6 @@ import torch
 from lorakit.theory.linear import NonSingularityError, adapted_product, construct_linear, linear_threshold
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 matrices: one thread is faster, and avoids thrashing when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _well_conditioned(D: int, g: torch.Generator) -> torch.Tensor:
     """Random U diag(s) Vᵀ with s ~ U(0.5, 1.5): products of plain Gaussian layers get so ill-conditioned
     that round-off (eps x cond) alone exceeds the 1e-10 target for L = 6."""

@@ -17,15 +17,6 @@ from lorakit.theory.rank import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 matrices: one thread is faster, and avoids thrashing when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_headline_and_uniform() -> None:
     assert headline_rank(16, 1, 2) == 8
     assert headline_rank(16, 2, 4) == 8

@@ -91,7 +91,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.utils import atomic_write
+from lorakit.utils import atomic_write, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -325,22 +325,15 @@ def read_diagnostics(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no diagnostics file at {path} (run training with DeltaDiagnostics first)")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-            valid = isinstance(record, dict) and "step" in record and isinstance(record.get("layers"), dict)
-            if not valid:
-                raise ValueError(f"{path}, line {number}: expected an object with 'step' and 'layers' fields")
-            for name, values in record["layers"].items():
-                missing = {"delta1", "delta2"} - set(values)
-                if missing:
-                    raise ValueError(f"{path}, line {number}: layer {name!r} lacks {sorted(missing)}")
-            records.append(record)
+    for number, record in read_jsonl(path):
+        valid = isinstance(record, dict) and "step" in record and isinstance(record.get("layers"), dict)
+        if not valid:
+            raise ValueError(f"{path}, line {number}: expected an object with 'step' and 'layers' fields")
+        for name, values in record["layers"].items():
+            missing = {"delta1", "delta2"} - set(values)
+            if missing:
+                raise ValueError(f"{path}, line {number}: layer {name!r} lacks {sorted(missing)}")
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no measurements in the file")
     return records

@@ -437,6 +437,14 @@ def pairwise_similarity(adapters: Sequence[Adapter]) -> PairwiseSimilarity:
     return result
 
 
+def annotate_cells(ax: Any, matrix: np.ndarray, fontsize: int = 8) -> None:
+    """Write each value of a heatmap into its cell (dark text on light cells)."""
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            color = "k" if matrix[i, j] > 0.6 else "w"
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=fontsize, color=color)
+
+
 def plot_pairwise(
     result: PairwiseSimilarity, path: str | Path, metric: str = "cca2", delta_metric: str = "cosine"
 ) -> None:
@@ -468,17 +476,7 @@ def plot_pairwise(
             ax.set_xticks(range(n), result.labels, rotation=60, ha="right", fontsize=7)
             ax.set_yticks(range(n), result.labels, fontsize=7)
             if n <= 8:
-                for i in range(n):
-                    for j in range(n):
-                        ax.text(
-                            j,
-                            i,
-                            f"{m[i, j]:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            color="k" if m[i, j] > 0.6 else "w",
-                        )
+                annotate_cells(ax, m, fontsize=6)
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     atomic_save_figure(fig, path)

@@ -37,6 +37,7 @@ import numpy as np
 from lorakit.analysis.adapter_io import Adapter, load_adapter_factors
 from lorakit.analysis.similarity import (
     PairwiseSimilarity,
+    annotate_cells,
     compare_adapters,
     pairwise_similarity,
     plot_pairwise,
@@ -252,17 +253,7 @@ def _plot(results: dict[str, PairwiseSimilarity], summaries: dict[str, Any], pat
             )
             ax.set_xticks(range(n), result.labels, rotation=45, ha="right", fontsize=8)
             ax.set_yticks(range(n), result.labels, fontsize=8)
-            for i in range(n):
-                for j in range(n):
-                    ax.text(
-                        j,
-                        i,
-                        f"{m[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="k" if m[i, j] > 0.6 else "w",
-                    )
+            annotate_cells(ax, m)
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         ax = axes[row][2]
         s = summaries[key]["all"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.utils import atomic_save_figure, atomic_write_json
+from lorakit.utils import atomic_save_figure, atomic_write_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +84,8 @@ def load_curve(run_dir: str | os.PathLike, metric: str | None = None) -> RunCurv
     method = summary.get("method") or config.get("config", {}).get("method", {}).get("name") or run.name
     task = summary.get("task") or config.get("task", {}).get("name") or "task"
     seed = int(summary.get("seed", config.get("config", {}).get("seed", 0)))
-    records = []
     path = run / "metrics.jsonl"
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from error
-            if record.get("type") == "eval":
-                records.append(record)
+    records = [record for _, record in read_jsonl(path) if record.get("type") == "eval"]
     if metric is None:
         metric = summary.get("main_metric") or (config.get("task", {}).get("metrics") or [None])[0]
     if not records:

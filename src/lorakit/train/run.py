@@ -33,7 +33,7 @@ from torch import nn
 
 from lorakit.train.data import DataError, Split, TaskData, load_eval_split, load_task
 from lorakit.train.methods import MethodSpec, apply_method, make_method_optimizer
-from lorakit.utils import atomic_torch_save, atomic_write, atomic_write_json, seed_everything
+from lorakit.utils import atomic_torch_save, atomic_write, atomic_write_json, read_jsonl, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,7 @@ class RunFolder:
         """On resume: keep the existing records up to the checkpoint's step."""
         path = self.path / METRICS_FILE
         if path.exists():
-            with open(path, encoding="utf-8") as handle:
-                records = [json.loads(line) for line in handle if line.strip()]
+            records = [record for _, record in read_jsonl(path)]
             self.records = [r for r in records if r.get("step", 0) <= up_to_step]
 
     def latest_checkpoint(self) -> Path | None:

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.utils import atomic_save_figure, atomic_write, atomic_write_json
+from lorakit.utils import atomic_save_figure, atomic_write, atomic_write_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -661,9 +661,7 @@ def _last_train_loss(run_dir: Path) -> float:
     path = run_dir / "metrics.jsonl"
     loss = math.nan
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if record.get("type") == "train" and "loss" in record:
-                    loss = float(record["loss"])
+        for _, record in read_jsonl(path):
+            if record.get("type") == "train" and "loss" in record:
+                loss = float(record["loss"])
     return loss
