@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lorakit.experiments import add_size_arguments
 from lorakit.theory import asymmetry as theory
 from lorakit.utils import atomic_save_figure, atomic_write_json
 
@@ -245,11 +246,7 @@ def plot_monte_carlo(rows: list[dict[str, Any]], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lorakit reproduce asymmetry``."""
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="full", action="store_false", help="small grid, CPU seconds (default)")
-    size.add_argument("--full", dest="full", action="store_true", help="larger grid and more draws")
-    parser.set_defaults(full=False)
-    parser.add_argument("--out", default="runs/asymmetry", help="output folder (default: runs/asymmetry)")
+    add_size_arguments(parser, "asymmetry", "small grid, CPU seconds", "larger grid and more draws")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lorakit.experiments import add_size_arguments
 from lorakit.theory.baselines import (
     PAPER_LRS,
     PAPER_WEIGHT_DECAYS,
@@ -112,13 +113,9 @@ def full_plan(width: int = 16) -> Plan:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick", dest="full", action="store_false", help="small run, <= 5 min on 2 cores (default)"
+    add_size_arguments(
+        parser, "expressive", "small run, <= 5 min on 2 cores", "the paper's sizes (hours on a CPU)"
     )
-    mode.add_argument("--full", dest="full", action="store_true", help="the paper's sizes (hours on a CPU)")
-    parser.set_defaults(full=False)
-    parser.add_argument("--out", default="runs/expressive", help="output folder for PNGs and JSON")
     parser.add_argument("--seeds", type=int, help="number of seeds (overrides the mode)")
     parser.add_argument("--steps", type=int, help="Adam steps for FNN/linear baselines (overrides the mode)")
     parser.add_argument("--tfn-steps", type=int, help="Adam steps for the TFN baseline (overrides the mode)")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lorakit.experiments import add_size_arguments
 from lorakit.utils import atomic_save_figure, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -729,11 +730,7 @@ def plot_width(width: dict[str, Any], deltas: dict[str, Any], path: Path) -> Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lorakit reproduce loraplus``."""
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="full", action="store_false", help="small grids, CPU minutes (default)")
-    size.add_argument("--full", dest="full", action="store_true", help="the paper-size grid (slow on CPU)")
-    parser.set_defaults(full=False)
-    parser.add_argument("--out", default="runs/loraplus", help="output folder (default: runs/loraplus)")
+    add_size_arguments(parser, "loraplus", "small grids, CPU minutes", "the paper-size grid (slow on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
