@@ -549,6 +549,16 @@ def render(report: dict) -> str:
     return "".join(text)
 
 
+def append_results(report: dict, results: Path) -> int:
+    """Render ``report`` as a Markdown section, append it to ``results`` (atomically) and print it."""
+    text = render(report)
+    previous = results.read_text(encoding="utf-8") if results.exists() else "# Throughput results\n"
+    with atomic_write(results) as handle:
+        handle.write(previous + text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
@@ -556,13 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(Path(args.render).read_text(encoding="utf-8"))
         add_ratios(report["runs"])
         add_ratios(report["sweeps"])
-        text = render(report)
-        results = Path(args.results)
-        previous = results.read_text(encoding="utf-8") if results.exists() else "# Throughput results\n"
-        with atomic_write(results) as handle:
-            handle.write(previous + text)
-        print(text)
-        return 0
+        return append_results(report, Path(args.results))
     if not torch.cuda.is_available():
         LOG.error("throughput.py needs a CUDA GPU")
         return 2
@@ -653,13 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 atomic_write_json(out, report)
 
-    text = render(report)
-    results = Path(args.results)
-    previous = results.read_text(encoding="utf-8") if results.exists() else "# Throughput results\n"
-    with atomic_write(results) as handle:
-        handle.write(previous + text)
-    print(text)
-    return 0
+    return append_results(report, Path(args.results))
 
 
 if __name__ == "__main__":
