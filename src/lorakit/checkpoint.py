@@ -15,7 +15,6 @@ ever read with safetensors/JSON (never unpickled) and written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from torch import nn
 from lorakit.adapters.inject import inject, lora_layers
 from lorakit.adapters.layers import LoraEmbedding, LoraLayer
 from lorakit.config import LoraConfig
-from lorakit.utils import atomic_write, atomic_write_json
+from lorakit.utils import atomic_write, atomic_write_json, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -116,10 +115,10 @@ def save(
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """The ``LoraConfig`` that reproduces a saved adapter (PEFT's or lorakit's) when injected."""
     directory = Path(directory)
-    peft_config = _read_json(directory / CONFIG_NAME)
+    peft_config = read_json(directory / CONFIG_NAME)
     lorakit_path = directory / LORAKIT_CONFIG_NAME
     if lorakit_path.exists():
-        return LoraConfig.from_dict(_read_json(lorakit_path)["lorakit"])
+        return LoraConfig.from_dict(read_json(lorakit_path)["lorakit"])
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(
             f"{directory / CONFIG_NAME}: peft_type is {peft_config.get('peft_type')!r}, expected 'LORA'"
@@ -203,15 +202,6 @@ def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         for param_name, param in model.get_submodule(module_name).named_parameters():
             expected[f"{PREFIX}{module_name}.{param_name}"] = param
     return expected
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
 
 
 def _require_config(model: nn.Module) -> LoraConfig:

@@ -63,6 +63,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, handle)
 
 
+def read_json(path: str | os.PathLike, missing_hint: str = "") -> Any:
+    """Parse a JSON file; errors name the file (and the line, for invalid JSON)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path}: not found{missing_hint}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 JSON file") from error
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line number, record)`` for every non-blank line of a JSON-lines file.
 

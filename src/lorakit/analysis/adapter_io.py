@@ -20,7 +20,6 @@ were trained, the frozen ones are recorded in :attr:`Adapter.frozen`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lorakit.utils import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,7 @@ def find_adapter_dir(path: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from error
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not a UTF-8 JSON file") from error
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -33,7 +33,14 @@ from torch import nn
 
 from lorakit.train.data import DataError, Split, TaskData, load_eval_split, load_task
 from lorakit.train.methods import MethodSpec, apply_method, make_method_optimizer
-from lorakit.utils import atomic_torch_save, atomic_write, atomic_write_json, read_jsonl, seed_everything
+from lorakit.utils import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    read_json,
+    read_jsonl,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -256,13 +263,7 @@ class RunFolder:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path}: not found (is {path.parent} a lorakit run folder?)") from error
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    return read_json(path, f" (is {path.parent} a lorakit run folder?)")
 
 
 def save_weights(model: nn.Module, folder: Path, base_model: str | None = None) -> None:
