@@ -37,14 +37,11 @@ from lorakit.utils import atomic_write, atomic_write_json
 LOG = logging.getLogger("throughput")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
-# Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton;
-# the "merged" strategy (no folded rank-r columns) instead of "folded".
-EXTRA_VARIANTS = ["lorakit-reference", "lorakit-notriton", "lorakit-merged", "lorakit-frozenA-merged"]
+# Diagnostics: lorakit layers with kernel="reference"; the fused path with torch.addmm instead of Triton.
+EXTRA_VARIANTS = ["lorakit-reference", "lorakit-notriton"]
 PEER = {
     "lorakit": "peft-bf16",
     "lorakit-frozenA": "peft-bf16-frozenA",
-    "lorakit-merged": "peft-bf16",
-    "lorakit-frozenA-merged": "peft-bf16-frozenA",
     "lorakit-reference": "peft-bf16",
     "lorakit-notriton": "peft-bf16",
 }
@@ -80,7 +77,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
         for dtype in (torch.bfloat16, torch.float32)
         for train in ("AB", "B", "A")
         for transposed in (False, True)
-        for strategy, p in (("folded", 0.0), ("merged", 0.0), ("addmm", 0.0), ("auto", 0.1))
+        for strategy, p in (("merged", 0.0), ("addmm", 0.0), ("auto", 0.1))
     ]
     gen = torch.Generator(device=device).manual_seed(1234)
     for dtype, train, transposed, strategy, p in cases:
@@ -224,7 +221,7 @@ def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.
         return model
     import lorakit
 
-    frozen_a = variant.startswith("lorakit-frozenA")
+    frozen_a = variant == "lorakit-frozenA"
     cfg = lorakit.LoraConfig(
         r=spec.rank,
         alpha=spec.alpha,
@@ -292,7 +289,6 @@ def measure(
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     fused.USE_TRITON = variant != "lorakit-notriton"
-    fused.MANY_TOKENS_STRATEGY = "merged" if variant.endswith("-merged") else "folded"
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)
     ids = torch.randint(
@@ -373,8 +369,7 @@ def micro(device: str, tokens: int, rank: int) -> list[dict]:
                 return do_bench(go, warmup=25, rep=100, return_mode="median")
 
             row["base_ms"] = bench(lambda x_, w_, *_: torch.nn.functional.linear(x_, w_))
-            row[f"folded_{train}_ms"] = bench(partial(lora_linear, strategy="folded"))
-            row[f"merged_{train}_ms"] = bench(partial(lora_linear, strategy="merged"))
+            row[f"fused_{train}_ms"] = bench(lora_linear)
             row[f"addmm_{train}_ms"] = bench(partial(lora_linear, strategy="addmm"))
             row[f"reference_{train}_ms"] = bench(reference_lora_linear)
         rows.append(row)

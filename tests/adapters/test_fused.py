@@ -42,9 +42,7 @@ def run(fn, x, weight, b, lora_a, lora_b, grad_out, p, transposed, mask, **kwarg
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("train", ["AB", "B", "A"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-@pytest.mark.parametrize(
-    ("p", "strategy"), [(0.0, "folded"), (0.0, "merged"), (0.0, "addmm"), (0.0, "auto"), (0.3, "auto")]
-)
+@pytest.mark.parametrize(("p", "strategy"), [(0.0, "merged"), (0.0, "addmm"), (0.0, "auto"), (0.3, "auto")])
 def test_fused_matches_reference(dtype, train, transposed, p, strategy):
     inputs = make_inputs(dtype, train, transposed, bias=not transposed, seed=len(train) + 7 * transposed)
     x = inputs[0]
@@ -135,11 +133,11 @@ class _Block(nn.Module):
         self.b2 = nn.Parameter(torch.randn(IN, R, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu_(lora_linear(x, self.w1, None, self.a1, self.b1, 0.5, strategy="folded"))
+        h = torch.relu_(lora_linear(x, self.w1, None, self.a1, self.b1, 0.5, strategy="merged"))
         return lora_linear(h, self.w2, None, self.a2, self.b2, 0.5, transposed_weight=True, strategy="addmm")
 
 
-@pytest.mark.parametrize("strategy", ["folded", "merged", "addmm"])
+@pytest.mark.parametrize("strategy", ["merged", "addmm"])
 def test_output_can_be_modified_in_place(strategy):
     """An autograd.Function output that is a view could not be (e.g. ReLU(inplace=True) after the layer)."""
     x, weight, b, lora_a, lora_b, _ = make_inputs(torch.float64, "AB", False, bias=True, seed=3)
@@ -188,7 +186,7 @@ def test_injected_layers_fused_equals_reference_kernel():
         assert rel_err(g, grads["reference"][name]) <= 1e-10, name
 
 
-@pytest.mark.parametrize("strategy", ["folded", "merged", "addmm"])
+@pytest.mark.parametrize("strategy", ["merged", "addmm"])
 def test_fused_under_bf16_autocast_matches_reference(strategy):
     torch.manual_seed(0)
     x = torch.randn(6, 16, requires_grad=True)

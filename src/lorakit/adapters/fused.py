@@ -41,9 +41,7 @@ from lorakit.adapters import triton_lora
 
 # Set LORAKIT_TRITON=0 (or this flag to False) to use torch.addmm for the merged weight on CUDA too.
 USE_TRITON = os.environ.get("LORAKIT_TRITON", "1") != "0"
-STRATEGIES = ("auto", "folded", "merged", "addmm")
-#: what ``strategy="auto"`` runs when merging moves fewer bytes than accumulating (benchmarks compare both)
-MANY_TOKENS_STRATEGY = "folded"
+STRATEGIES = ("auto", "merged", "addmm")
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -82,50 +80,23 @@ def _check_shapes(
     return in_f, out_f
 
 
-def _pad(r: int) -> int:
-    """Border width of the folded weight: r rounded up to 8 keeps GEMM leading dimensions 16-byte aligned."""
-    return -(-r // 8) * 8
-
-
-def _bordered_weight(
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    transposed: bool,
-    pad: int,
+def _merged_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, transposed: bool
 ) -> torch.Tensor:
-    """``W0 + s · B A`` in W0's layout and dtype, bordered by ``pad`` rows/columns when ``pad > 0``.
+    """``W0 + s · B A`` in W0's layout and dtype, reading and writing the weight once.
 
-    Linear layout (W0 is out×in): ``[[W0 + sBA, sB], [sA, 0]]``; Conv1D layout (W0 is in×out): the
-    transpose, ``[[W0 + sAᵀBᵀ, sAᵀ], [sBᵀ, 0]]``. On CUDA with Triton: one kernel over the float32 masters
-    (:mod:`lorakit.adapters.triton_lora`); otherwise torch ops on the factors cast to W0's dtype.
+    On CUDA with Triton: one kernel over the float32 masters (:mod:`lorakit.adapters.triton_lora`);
+    otherwise a rank-r ``torch.addmm`` on the factors cast to W0's dtype.
     """
-    left, right = (lora_A.t(), lora_B.t()) if transposed else (lora_B, lora_A)
     if USE_TRITON and triton_lora.AVAILABLE and weight.is_cuda:
-        return triton_lora.bordered_weight(weight, left, right, scaling, pad)
-    dtype = weight.dtype
-    left_s, right_s = (left * scaling).to(dtype), (right * scaling).to(dtype)
-    merged = torch.addmm(weight, left_s, right.to(dtype))
-    if pad == 0:
-        return merged
-    rows, cols = weight.shape
-    rank = left.shape[1]
-    out = weight.new_zeros(rows + pad, cols + pad)
-    out[:rows, :cols] = merged
-    out[:rows, cols : cols + rank] = left_s
-    out[rows : rows + rank, :cols] = right_s
-    return out
-
-
-def _forward_operand(bordered: torch.Tensor, in_f: int, cols: int, transposed: bool) -> torch.Tensor:
-    """The in × cols block to right-multiply x by: ``[(W0 + sBA)ᵀ, sAᵀ]`` when cols = out + pad."""
-    return bordered[:in_f, :cols] if transposed else bordered[:cols, :in_f].t()
-
-
-def _backward_operand(bordered: torch.Tensor, out_f: int, cols: int, transposed: bool) -> torch.Tensor:
-    """The out × cols block to right-multiply dY by: ``[W0 + sBA, sB]`` when cols = in + pad."""
-    return bordered[:cols, :out_f].t() if transposed else bordered[:out_f, :cols]
+        if transposed:
+            return triton_lora.merge_lora_weight(weight, lora_A.t(), lora_B.t(), scaling)
+        return triton_lora.merge_lora_weight(weight, lora_B, lora_A, scaling)
+    a = lora_A.to(weight.dtype)
+    bs = (lora_B * scaling).to(weight.dtype)
+    if transposed:
+        return torch.addmm(weight, a.t(), bs.t())
+    return torch.addmm(weight, bs, a)
 
 
 def _base(
@@ -141,24 +112,24 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torc
 
 
 def _as_output(y2: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
-    """``y2`` (T × out, any row stride) reshaped to (..., out) over the same memory, as a non-view.
+    """``y2`` (T × out) reshaped to (..., out) over the same memory, as a tensor autograd does not see as a view.
 
     Autograd forbids in-place ops on an ``autograd.Function`` output that is a view (e.g. a following
-    ``ReLU(inplace=True)``), and ``y2`` may be a column slice of a wider GEMM result. ``_unsafe_view`` is
-    what ``torch.matmul`` uses for the same purpose: an alias that autograd does not track as a view.
+    ``ReLU(inplace=True)``); a plain ``reshape`` would return one. ``_unsafe_view`` is what ``torch.matmul``
+    uses for the same purpose.
     """
     return torch.ops.aten._unsafe_view(y2, (*lead_shape, y2.shape[1]))
 
 
-def _pick_strategy(strategy: str, tokens: int, in_f: int, out_f: int, has_mask: bool) -> str:
-    """Merging costs ~2·out·in bytes per pass; in-place accumulation ~T·(in + out). Pick the smaller."""
-    if strategy in ("folded", "merged") and has_mask:
-        raise ValueError(f"lora_linear: strategy={strategy!r} cannot apply dropout; use 'addmm' or 'auto'")
-    if strategy != "auto":
-        return strategy
-    if has_mask or tokens * (in_f + out_f) < 2 * in_f * out_f:
-        return "addmm"
-    return MANY_TOKENS_STRATEGY
+def _use_merged(strategy: str, tokens: int, in_f: int, out_f: int, has_mask: bool) -> bool:
+    """Merged costs ~2·out·in bytes per pass; in-place accumulation ~T·(in + out). Pick the smaller."""
+    if strategy == "merged":
+        if has_mask:
+            raise ValueError("lora_linear: strategy='merged' cannot apply dropout; use 'addmm' or 'auto'")
+        return True
+    if strategy == "addmm" or has_mask:
+        return False
+    return tokens * (in_f + out_f) >= 2 * in_f * out_f
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -176,72 +147,60 @@ class _LoraLinearFunction(torch.autograd.Function):
         scaling: float,
         dropout_p: float,
         transposed: bool,
-        strategy: str,
+        merged: bool,
         need_dx: bool,
         train_a: bool,
         train_b: bool,
     ) -> torch.Tensor:
         dtype = x.dtype
-        in_f, out_f = weight.shape if transposed else weight.shape[::-1]
-        x2 = x.reshape(-1, in_f)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if weight.dtype != dtype:  # checked here: a no-op .to() still costs a dispatch per call in eager
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         mask2 = None if mask is None else mask.reshape(x2.shape)
-        u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
-        if strategy == "folded" and train_b:
-            pad = _pad(lora_A.shape[0])
-            bordered = _bordered_weight(weight, lora_A, lora_B, scaling, transposed, pad)
-            operand = _forward_operand(bordered, in_f, out_f + pad, transposed)
-            wide = x2 @ operand if bias is None else torch.addmm(F.pad(bias, (0, pad)), x2, operand)
-            y = wide[:, :out_f]
-            u = wide[:, out_f : out_f + lora_A.shape[0]].contiguous()  # a copy, so `wide` can be freed
-        elif strategy in ("folded", "merged"):
-            y = _base(x2, _bordered_weight(weight, lora_A, lora_B, scaling, transposed, 0), bias, transposed)
+        u = None
+        if merged:
+            y = _base(x2, _merged_weight(weight, lora_A, lora_B, scaling, transposed), bias, transposed)
             if train_b:
-                u = x2 @ (lora_A * scaling).to(dtype).t()
+                u = x2 @ lora_A.to(dtype).t()
         else:
-            # Cast the r-sized factors, never x.
+            # Cast the r-sized factors, never x; fold s into B (out×r, the cheapest place for it).
+            a = lora_A.to(dtype)
+            bs = (lora_B * scaling).to(dtype)
             y = _base(x2, weight, bias, transposed)
-            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
-            u = xd @ (lora_A * scaling).to(dtype).t()
-            y.addmm_(u, lora_B.to(dtype).t())
+            u = (x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)) @ a.t()
+            y.addmm_(u, bs.t())
         ctx.save_for_backward(x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B)
-        ctx.flags = (scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b)
+        ctx.flags = (scaling, dropout_p, transposed, merged, need_dx, train_a, train_b)
         ctx.x_shape = x.shape
         return _as_output(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2, u, mask2, weight, lora_A, lora_B = ctx.saved_tensors
-        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b = ctx.flags
-        in_f, out_f = weight.shape if transposed else weight.shape[::-1]
-        g = grad_out.reshape(-1, out_f)
+        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b = ctx.flags
+        g = grad_out.reshape(-1, grad_out.shape[-1])
         dtype = g.dtype
         dx = d_a = d_b = None
-        gb = None  # dY (sB), T×r
-        if need_dx and strategy != "addmm":
-            pad = _pad(lora_A.shape[0]) if strategy == "folded" and train_a else 0
-            bordered = _bordered_weight(weight, lora_A, lora_B, scaling, transposed, pad)
-            wide = g @ _backward_operand(bordered, out_f, in_f + pad, transposed)
-            dx = wide[:, :in_f]
-            if pad:
-                gb = wide[:, in_f : in_f + lora_A.shape[0]]
-        elif need_dx:
-            gb = g @ (lora_B * scaling).to(dtype)
-            dx = _input_grad(g, weight, transposed)
-            if mask2 is None:
-                dx.addmm_(gb, lora_A.to(dtype))
+        gb = None
+        if train_a or (need_dx and not merged):
+            gb = g @ (lora_B * scaling).to(dtype)  # G (sB), T×r
+        if need_dx:
+            if merged:
+                dx = _input_grad(g, _merged_weight(weight, lora_A, lora_B, scaling, transposed), transposed)
             else:
-                dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
+                dx = _input_grad(g, weight, transposed)
+                if mask2 is None:
+                    dx.addmm_(gb, lora_A.to(dtype))
+                else:
+                    dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
+            dx = dx.reshape(ctx.x_shape)
         if train_a:
-            if gb is None:
-                gb = g @ (lora_B * scaling).to(dtype)
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
             d_a = (gb.t() @ xd).to(lora_A.dtype)
         if train_b:
-            d_b = (g.t() @ u).to(lora_B.dtype)
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
+            d_b = (g.t() @ u).to(lora_B.dtype) * scaling
         return dx, None, None, d_a, d_b, None, None, None, None, None, None, None, None
 
 
@@ -302,7 +261,7 @@ def lora_linear(
     if training and dropout_p > 0.0:
         mask = _dropout_mask_arg(x, dropout_p, dropout_mask)
     tokens = x.numel() // in_f
-    strategy = _pick_strategy(strategy, tokens, in_f, out_f, mask is not None)
+    merged = _use_merged(strategy, tokens, in_f, out_f, mask is not None)
     grad_on = torch.is_grad_enabled()
     need_dx = grad_on and x.requires_grad
     train_a = grad_on and lora_A.requires_grad
@@ -323,7 +282,7 @@ def lora_linear(
             float(scaling),
             float(dropout_p),
             bool(transposed_weight),
-            strategy,
+            merged,
             need_dx,
             train_a,
             train_b,

@@ -1,21 +1,13 @@
-"""GPU-only Triton kernel for the fused LoRA path: the merged weight ``W0 + s · L R``, optionally bordered.
+"""GPU-only Triton kernel for the fused LoRA path: the merged weight ``W0 + s · L R`` in one pass.
 
-The fused strategies of :mod:`lorakit.adapters.fused` rebuild ``W = W0 + s · B A`` (Hu et al. 2021's
+The ``"merged"`` strategy of :mod:`lorakit.adapters.fused` rebuilds ``W = W0 + s · B A`` (Hu et al. 2021's
 ``ΔW = s · B A``) once in forward and once in backward. cuBLAS runs that rank-r ``addmm`` at about 40% of
 memory bandwidth and needs the factors cast to bf16 first (extra launches); this kernel reads ``W0`` once,
-the float32 masters directly (the product is formed in float32, then added and rounded once), and writes
-``W`` once.
-
-With ``pad = p > 0`` it writes the *bordered* matrix of shape (M + p) × (N + p)::
-
-    [[W0 + s·L R,  s·L],
-     [s·R,         0  ]]
-
-(L is M×r, R is r×N, r ≤ p; the rows and columns past r are zero). The ``"folded"`` strategy multiplies by
-its row and column blocks so that one GEMM returns both the base output and the rank-r side product.
+the float32 masters ``A``/``B`` directly (the product is formed in float32, then added and rounded once),
+and writes ``W`` once.
 
 Importing this module never fails: without Triton (or without CUDA) :data:`AVAILABLE` is False and
-:func:`bordered_weight` is None, and callers fall back to torch ops. The kernel is registered with
+:func:`merge_lora_weight` is None, and callers fall back to ``torch.addmm``. The kernel is registered with
 ``torch.library.triton_op`` so ``torch.compile`` traces it without a graph break.
 """
 
@@ -27,22 +19,22 @@ try:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-except ImportError:  # CPU-only installs: the fused path uses torch ops instead.
+except ImportError:  # CPU-only installs: the fused path uses torch.addmm instead.
     triton = None
 
 AVAILABLE = False
-bordered_weight = None
+merge_lora_weight = None
 
 if triton is not None:
 
     @triton.jit
-    def _bordered_kernel(
+    def _merge_kernel(
         w_ptr, left_ptr, right_ptr, out_ptr,
-        M, N, R, P, scaling,
+        M, N, R, scaling,
         s_wm, s_wn, s_lm, s_lk, s_rk, s_rn, s_om, s_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """out = [[w + s·left@right, s·left], [s·right, 0]] over an (M+P)×(N+P) grid (float32 math)."""
+        """out[m, n] = w[m, n] + scaling · Σ_k left[m, k] · right[k, n] (float32 product, one rounding)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -61,47 +53,26 @@ if triton is not None:
             delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
         else:
             delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="tf32")
-        w = tl.load(
-            w_ptr + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=m_ok[:, None] & n_ok[None, :], other=0.0
-        )
+        tile = m_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=tile, other=0.0)
         out = w.to(tl.float32) + scaling * delta
-        if pid_n * BLOCK_N + BLOCK_N > N:  # this tile reaches the right border: out[m, N + k] = s·left[m, k]
-            col = rn - N
-            edge = tl.load(
-                left_ptr + rm[:, None] * s_lm + col[None, :] * s_lk,
-                mask=m_ok[:, None] & (col >= 0)[None, :] & (col < R)[None, :],
-                other=0.0,
-            )
-            out += scaling * edge.to(tl.float32)
-        if pid_m * BLOCK_M + BLOCK_M > M:  # the bottom border: out[M + k, n] = s·right[k, n]
-            row = rm - M
-            edge = tl.load(
-                right_ptr + row[:, None] * s_rk + rn[None, :] * s_rn,
-                mask=(row >= 0)[:, None] & (row < R)[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            out += scaling * edge.to(tl.float32)
-        tile = (rm < M + P)[:, None] & (rn < N + P)[None, :]
         tl.store(
             out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, out.to(out_ptr.dtype.element_ty), mask=tile
         )
 
-    @triton_op("lorakit::bordered_weight", mutates_args={})
-    def _bordered_weight(
-        weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float, pad: int
+    @triton_op("lorakit::merge_lora_weight", mutates_args={})
+    def _merge_lora_weight(
+        weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """``weight + scaling · left @ right`` in weight's dtype, bordered by ``pad`` rows/columns.
-
-        left (M, r), right (r, N), any strides; ``pad`` is 0 (plain merge) or ≥ r.
-        """
+        """``weight + scaling · left @ right`` in weight's dtype; left (M, r), right (r, N), any strides."""
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         M, N = weight.shape
-        out = torch.empty((M + pad, N + pad), dtype=weight.dtype, device=weight.device)
         R = left.shape[1]
         block_r = max(16, triton.next_power_of_2(R))
         block_m, block_n = (64, 128) if block_r <= 32 else (32, 128)
-        grid = (triton.cdiv(M + pad, block_m), triton.cdiv(N + pad, block_n))
-        wrap_triton(_bordered_kernel)[grid](
-            weight, left, right, out, M, N, R, pad, scaling,
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        wrap_triton(_merge_kernel)[grid](
+            weight, left, right, out, M, N, R, scaling,
             weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
             right.stride(0), right.stride(1), out.stride(0), out.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
@@ -111,5 +82,5 @@ if triton is not None:
         )  # fmt: skip
         return out
 
-    bordered_weight = _bordered_weight
+    merge_lora_weight = _merge_lora_weight
     AVAILABLE = True
