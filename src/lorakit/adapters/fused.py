@@ -42,6 +42,7 @@ from lorakit.adapters import triton_lora
 # Set LORAKIT_TRITON=0 (or this flag to False) to use torch.addmm for the merged weight on CUDA too.
 USE_TRITON = os.environ.get("LORAKIT_TRITON", "1") != "0"
 STRATEGIES = ("auto", "merged", "addmm")
+_MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -80,23 +81,38 @@ def _check_shapes(
     return in_f, out_f
 
 
-def _merged_weight(
+def _merge(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, transposed: bool
-) -> torch.Tensor:
-    """``W0 + s · B A`` in W0's layout and dtype, reading and writing the weight once.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W0 + s·B A in W0's layout, s·A (r×in), s·B (out×r))``, all in W0's dtype.
 
-    On CUDA with Triton: one kernel over the float32 masters (:mod:`lorakit.adapters.triton_lora`);
-    otherwise a rank-r ``torch.addmm`` on the factors cast to W0's dtype.
+    On CUDA with Triton: one kernel over the float32 masters (:mod:`lorakit.adapters.triton_lora`) that
+    reads and writes the weight once and also emits the two cast, scaled factors; otherwise torch ops.
     """
     if USE_TRITON and triton_lora.AVAILABLE and weight.is_cuda:
         if transposed:
-            return triton_lora.merge_lora_weight(weight, lora_A.t(), lora_B.t(), scaling)
-        return triton_lora.merge_lora_weight(weight, lora_B, lora_A, scaling)
-    a = lora_A.to(weight.dtype)
-    bs = (lora_B * scaling).to(weight.dtype)
-    if transposed:
-        return torch.addmm(weight, a.t(), bs.t())
-    return torch.addmm(weight, bs, a)
+            merged, a_t, b_t = triton_lora.merge_lora_weight(weight, lora_A.t(), lora_B.t(), scaling)
+            return merged, a_t.t(), b_t.t()
+        merged, b_s, a_s = triton_lora.merge_lora_weight(weight, lora_B, lora_A, scaling)
+        return merged, a_s, b_s
+    dtype = weight.dtype
+    a = lora_A.to(dtype)
+    a_s, b_s = (lora_A * scaling).to(dtype), (lora_B * scaling).to(dtype)
+    merged = torch.addmm(weight, a.t(), b_s.t()) if transposed else torch.addmm(weight, b_s, a)
+    return merged, a_s, b_s
+
+
+def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` returned in ``dtype``: on CUDA a bf16/fp16 GEMM writes float32 directly (no cast kernel)."""
+    if (
+        dtype == torch.float32
+        and _MM_TO_FLOAT32
+        and a.is_cuda
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and not torch.compiler.is_compiling()  # inductor fuses the cast itself
+    ):
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return (a @ b).to(dtype)
 
 
 def _base(
@@ -112,7 +128,7 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torc
 
 
 def _as_output(y2: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
-    """``y2`` (T × out) reshaped to (..., out) over the same memory, as a tensor autograd does not see as a view.
+    """``y2`` (T × out) reshaped to (..., out) over the same memory, as a tensor autograd sees as no view.
 
     Autograd forbids in-place ops on an ``autograd.Function`` output that is a view (e.g. a following
     ``ReLU(inplace=True)``); a plain ``reshape`` would return one. ``_unsafe_view`` is what ``torch.matmul``
@@ -159,18 +175,18 @@ class _LoraLinearFunction(torch.autograd.Function):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         mask2 = None if mask is None else mask.reshape(x2.shape)
-        u = None
+        u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
         if merged:
-            y = _base(x2, _merged_weight(weight, lora_A, lora_B, scaling, transposed), bias, transposed)
+            merged_weight, a_s, _ = _merge(weight, lora_A, lora_B, scaling, transposed)
+            y = _base(x2, merged_weight, bias, transposed)
             if train_b:
-                u = x2 @ lora_A.to(dtype).t()
+                u = x2 @ a_s.t()
         else:
-            # Cast the r-sized factors, never x; fold s into B (out×r, the cheapest place for it).
-            a = lora_A.to(dtype)
-            bs = (lora_B * scaling).to(dtype)
+            # Cast the r-sized factors, never x.
             y = _base(x2, weight, bias, transposed)
-            u = (x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)) @ a.t()
-            y.addmm_(u, bs.t())
+            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
+            u = xd @ (lora_A * scaling).to(dtype).t()
+            y.addmm_(u, lora_B.to(dtype).t())
         ctx.save_for_backward(x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B)
         ctx.flags = (scaling, dropout_p, transposed, merged, need_dx, train_a, train_b)
         ctx.x_shape = x.shape
@@ -183,24 +199,26 @@ class _LoraLinearFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         dtype = g.dtype
         dx = d_a = d_b = None
-        gb = None
-        if train_a or (need_dx and not merged):
-            gb = g @ (lora_B * scaling).to(dtype)  # G (sB), T×r
-        if need_dx:
-            if merged:
-                dx = _input_grad(g, _merged_weight(weight, lora_A, lora_B, scaling, transposed), transposed)
+        b_s = None  # s·B in the activation dtype
+        if need_dx and merged:
+            merged_weight, _, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
+            dx = _input_grad(g, merged_weight, transposed)
+        if b_s is None and (train_a or need_dx):
+            b_s = (lora_B * scaling).to(dtype)
+        gb = g @ b_s if (train_a or (need_dx and not merged)) else None  # G (sB), T×r
+        if need_dx and not merged:
+            dx = _input_grad(g, weight, transposed)
+            if mask2 is None:
+                dx.addmm_(gb, lora_A.to(dtype))
             else:
-                dx = _input_grad(g, weight, transposed)
-                if mask2 is None:
-                    dx.addmm_(gb, lora_A.to(dtype))
-                else:
-                    dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
+                dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
+        if dx is not None:
             dx = dx.reshape(ctx.x_shape)
         if train_a:
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
-            d_a = (gb.t() @ xd).to(lora_A.dtype)
+            d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
         if train_b:
-            d_b = (g.t() @ u).to(lora_B.dtype) * scaling
+            d_b = _matmul_as(g.t(), u, lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None, None, None, None, None, None, None
 
 

@@ -7,7 +7,7 @@ the float32 masters ``A``/``B`` directly (the product is formed in float32, then
 and writes ``W`` once.
 
 Importing this module never fails: without Triton (or without CUDA) :data:`AVAILABLE` is False and
-:func:`merge_lora_weight` is None, and callers fall back to ``torch.addmm``. The kernel is registered with
+:func:`merge_lora_weight` is None, and callers fall back to torch ops. The kernel is registered with
 ``torch.library.triton_op`` so ``torch.compile`` traces it without a graph break.
 """
 
@@ -29,12 +29,16 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(
-        w_ptr, left_ptr, right_ptr, out_ptr,
+        w_ptr, left_ptr, right_ptr, out_ptr, left_out_ptr, right_out_ptr,
         M, N, R, scaling,
         s_wm, s_wn, s_lm, s_lk, s_rk, s_rn, s_om, s_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """out[m, n] = w[m, n] + scaling · Σ_k left[m, k] · right[k, n] (float32 product, one rounding)."""
+        """out[m, n] = w[m, n] + scaling · Σ_k left[m, k] · right[k, n] (float32 product, one rounding).
+
+        Also writes scaling · left (M×R) and scaling · right (R×N), contiguous, in out's dtype: the first
+        column of tiles writes its rows of left, the first row of tiles its columns of right.
+        """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,20 +63,38 @@ if triton is not None:
         tl.store(
             out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, out.to(out_ptr.dtype.element_ty), mask=tile
         )
+        if pid_n == 0:
+            tl.store(
+                left_out_ptr + rm[:, None] * R + rk[None, :],
+                (scaling * left.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & k_ok[None, :],
+            )
+        if pid_m == 0:
+            tl.store(
+                right_out_ptr + rk[:, None] * N + rn[None, :],
+                (scaling * right.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                mask=k_ok[:, None] & n_ok[None, :],
+            )
 
     @triton_op("lorakit::merge_lora_weight", mutates_args={})
     def _merge_lora_weight(
         weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
-        """``weight + scaling · left @ right`` in weight's dtype; left (M, r), right (r, N), any strides."""
-        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight + s · left @ right, s · left, s · right)`` in weight's dtype (s = scaling).
+
+        left (M, r), right (r, N), any strides; the scaled factors come back contiguous, ready for the
+        rank-r GEMMs, so no separate cast kernels are launched for them.
+        """
         M, N = weight.shape
         R = left.shape[1]
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        left_out = torch.empty((M, R), dtype=weight.dtype, device=weight.device)
+        right_out = torch.empty((R, N), dtype=weight.dtype, device=weight.device)
         block_r = max(16, triton.next_power_of_2(R))
         block_m, block_n = (64, 128) if block_r <= 32 else (32, 128)
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
         wrap_triton(_merge_kernel)[grid](
-            weight, left, right, out, M, N, R, scaling,
+            weight, left, right, out, left_out, right_out, M, N, R, scaling,
             weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
             right.stride(0), right.stride(1), out.stride(0), out.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
@@ -80,7 +102,7 @@ if triton is not None:
             # keep full precision.
             IEEE=weight.dtype == torch.float32, num_warps=4,
         )  # fmt: skip
-        return out
+        return out, left_out, right_out
 
     merge_lora_weight = _merge_lora_weight
     AVAILABLE = True
