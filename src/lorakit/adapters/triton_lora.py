@@ -76,15 +76,9 @@ if triton is not None:
                 mask=k_ok[:, None] & n_ok[None, :],
             )
 
-    @triton_op("lorakit::merge_lora_weight", mutates_args={})
-    def _merge_lora_weight(
-        weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
+    def _launch(
+        kernel, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(weight + s · left @ right, s · left, s · right)`` in weight's dtype (s = scaling).
-
-        left (M, r), right (r, N), any strides; the scaled factors come back contiguous, ready for the
-        rank-r GEMMs, so no separate cast kernels are launched for them.
-        """
         M, N = weight.shape
         R = left.shape[1]
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -93,7 +87,7 @@ if triton is not None:
         block_r = max(16, triton.next_power_of_2(R))
         block_m, block_n = (64, 128) if block_r <= 32 else (32, 128)
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        wrap_triton(_merge_kernel)[grid](
+        kernel[grid](
             weight, left, right, out, left_out, right_out, M, N, R, scaling,
             weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
             right.stride(0), right.stride(1), out.stride(0), out.stride(1),
@@ -103,6 +97,26 @@ if triton is not None:
             IEEE=weight.dtype == torch.float32, num_warps=4,
         )  # fmt: skip
         return out, left_out, right_out
+
+    @triton_op("lorakit::merge_lora_weight", mutates_args={})
+    def _merge_op(
+        weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _launch(wrap_triton(_merge_kernel), weight, left, right, scaling)
+
+    def _merge_lora_weight(
+        weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight + s · left @ right, s · left, s · right)`` in weight's dtype (s = scaling).
+
+        left (M, r), right (r, N), any strides; the scaled factors come back contiguous, ready for the
+        rank-r GEMMs, so no separate cast kernels are launched for them. Under ``torch.compile`` this is the
+        registered op; in eager the kernel is launched directly (the op's dispatch costs CPU time per call,
+        and eager LoRA steps are bound by CPU launch time).
+        """
+        if torch.compiler.is_compiling():
+            return _merge_op(weight, left, right, scaling)
+        return _launch(_merge_kernel, weight, left, right, scaling)
 
     merge_lora_weight = _merge_lora_weight
     AVAILABLE = True
