@@ -196,3 +196,135 @@ def test_hf_callback_drives_diagnostics(tmp_path) -> None:
         state.global_step += 1
     callback.on_train_end(args, state, control)
     assert [r["step"] for r in read_diagnostics(tmp_path)] == [0, 2, 4]
+
+
+def _linear_model(seed: int = 0) -> nn.Module:
+    """One adapted nn.Linear in float64: with the other factor fixed, an MSE loss is quadratic in each."""
+    torch.manual_seed(seed)
+    model = lorakit.inject(nn.Sequential(nn.Linear(6, 5)), lorakit.LoraConfig(r=2, alpha=4, targets=["0"]))
+    model = model.double()
+    (_, layer), *_ = lorakit.lora_layers(model)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn_like(layer.lora_A))
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    return model
+
+
+def test_curvature_terms_closed_form_on_a_linear_layer() -> None:
+    """``curv1 = ⟨ΔA, H_AA ΔA⟩ = (2/(M·d_out)) Σ_i ‖s·B ΔA x_i‖²`` for L = mean((W x + s·B A x − y)²), and
+    ``curv2`` likewise with ``s·ΔB A x_i``: the finite difference is exact for a quadratic (float64)."""
+    model = _linear_model()
+    (name, layer), *_ = lorakit.lora_layers(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    d = DeltaDiagnostics(model, every=2, optimizer=opt)
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    calls = []
+
+    def loss_fn() -> torch.Tensor:
+        calls.append(1)
+        return (model(x) - y).pow(2).mean()
+
+    for step in range(3):
+        a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+        opt.zero_grad()
+        loss_fn().backward()
+        calls.clear()
+        d.before_step()
+        opt.step()
+        a1, b1 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+        d.after_step(loss_fn=loss_fn)
+        assert len(calls) == (4 if step % 2 == 0 else 0)  # ±ε per factor, measured steps only
+        torch.testing.assert_close(layer.lora_A.detach(), a1, rtol=0, atol=0)  # parameters restored
+        torch.testing.assert_close(layer.lora_B.detach(), b1, rtol=0, atol=0)
+    assert [r["step"] for r in d.records] == [0, 2]
+    got = d.records[-1]["layers"][name]
+    s = layer.scaling
+    curv1 = 2.0 / y.numel() * (s * x @ (a1 - a0).T @ b0.T).pow(2).sum()
+    curv2 = 2.0 / y.numel() * (s * x @ a0.T @ (b1 - b0).T).pow(2).sum()
+    assert got["curv1"] == pytest.approx(float(curv1), rel=1e-10)
+    assert got["curv2"] == pytest.approx(float(curv2), rel=1e-10)
+    # the quadratic model m·loss + ½m²·curv of each factor: λ' = λ·(loss2/curv2)/(loss1/curv1), λ = 1
+    got_ratio = suggest_ratio(d.records[-1:], skip_fraction=0.0, criterion="curvature").ratio
+    assert got_ratio == pytest.approx((got["loss2"] / got["curv2"]) / (got["loss1"] / got["curv1"]))
+
+    # and m*_A = −loss1/curv1 is the exact minimiser of the loss along ΔA (quadratic in A)
+    def loss_along_a(m: float) -> float:
+        with torch.no_grad():
+            layer.lora_A.copy_(a0 + m * (a1 - a0))
+            layer.lora_B.copy_(b0)
+            return float((model(x) - y).pow(2).mean())
+
+    m_star = -got["loss1"] / got["curv1"]
+    assert loss_along_a(m_star) < min(loss_along_a(0.9 * m_star), loss_along_a(1.1 * m_star))
+
+
+def test_curvature_matches_double_backward() -> None:
+    """On a non-quadratic loss (tanh head) a small ε gives the Hessian at the pre-step state."""
+    model = _model(seed=4).double()
+    (name, layer), *_ = lorakit.lora_layers(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    d = DeltaDiagnostics(model, every=1, optimizer=opt, curvature_eps=1e-4)
+    x = torch.randn(7, 6, dtype=torch.float64)
+
+    def loss_fn() -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    a0, b0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    opt.zero_grad()
+    loss_fn().backward()
+    d.before_step()
+    opt.step()
+    d_a, d_b = layer.lora_A.detach() - a0, layer.lora_B.detach() - b0
+    got = d.after_step(loss_fn=loss_fn)["layers"][name]
+    with torch.no_grad():
+        layer.lora_A.copy_(a0)
+        layer.lora_B.copy_(b0)
+    g_a, g_b = torch.autograd.grad(loss_fn(), (layer.lora_A, layer.lora_B), create_graph=True)
+    h_a = torch.autograd.grad((g_a * d_a).sum(), layer.lora_A, retain_graph=True)[0]
+    h_b = torch.autograd.grad((g_b * d_b).sum(), layer.lora_B)[0]
+    assert got["curv1"] == pytest.approx(float((d_a * h_a).sum()), rel=1e-6)
+    assert got["curv2"] == pytest.approx(float((d_b * h_b).sum()), rel=1e-6)
+
+
+def test_curvature_and_sharpness_criteria_need_their_fields() -> None:
+    model = _model(seed=5)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    d = DeltaDiagnostics(model, every=1, optimizer=opt)
+    for _ in range(3):
+        _step(model, opt, d, torch.randn(8, 6))
+    assert all("curv1" not in layer for r in d.records for layer in r["layers"].values())
+    assert suggest_ratio(d.records).ratio > 0  # the first-order criteria still work
+    with pytest.raises(ValueError, match=r"'curvature' needs .*lack \['curv1', 'curv2'\].*loss_fn"):
+        suggest_ratio(d.records, criterion="curvature")
+    with pytest.raises(ValueError, match=r"lack \['sharp1', 'sharp2'\].*toy"):
+        suggest_ratio(d.records, criterion="sharpness")
+    with pytest.raises(ValueError, match="curvatures > 0"):
+        diag.quadratic_model_ratio(-1.0, -1.0, 0.0, 1.0, 1.0)
+    record = {"step": 1, "layers": {"x": {"delta1": 1.0, "delta2": 1.0, "sharp1": 6.0, "sharp2": 2.0}}}
+    assert suggest_ratio([record], lr_A=1.0, lr_B=1.0, skip_fraction=0.0, criterion="sharpness").ratio == 3.0
+
+
+def test_toy_curvature_terms_match_autograd() -> None:
+    """The toy's hand-written ⟨Δθ, H Δθ⟩ and power-iteration λ_max per factor equal float64 autograd."""
+    toy = pytest.importorskip("lorakit.experiments.loraplus_toy")
+    problem = toy.make_problem(12, n_train=40, n_test=4, seed=2)
+    eta_a, eta_b, steps = 0.02, 0.05, 3
+    result = toy.train_configs(problem, [eta_a], [eta_b], steps, "gd", [steps], [1, 2, 3], curvature=True)
+    h = torch.relu(problem.x_train @ problem.W_in.T).double()
+    y, w_out = problem.y_train.double(), problem.W_out.double()
+    a, b = problem.A0.double(), problem.B0.double()
+
+    def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(h @ a.T @ b.T) @ w_out - y).pow(2).mean()
+
+    for col in range(steps):
+        g_a, g_b = torch.autograd.functional.jacobian(loss, (a, b))
+        d_a, d_b = -eta_a * g_a, -eta_b * g_b
+        h_aa = torch.autograd.functional.hessian(lambda v, b=b: loss(v, b), a).reshape(a.numel(), -1)
+        h_bb = torch.autograd.functional.hessian(lambda v, a=a: loss(a, v), b).reshape(b.numel(), -1)
+        curv = [d_a.reshape(-1) @ h_aa @ d_a.reshape(-1), d_b.reshape(-1) @ h_bb @ d_b.reshape(-1)]
+        top = [torch.linalg.eigvalsh(h_aa)[-1], torch.linalg.eigvalsh(h_bb)[-1]]
+        for k in range(2):
+            assert result.curvature[k, 0, col] == pytest.approx(float(curv[k]), rel=1e-4)
+            assert result.sharpness[k, 0, col] == pytest.approx(float(top[k]), rel=1e-3)
+        a, b = a + d_a, b + d_b

@@ -69,6 +69,11 @@ def test_loraplus_small_reproduction(tmp_path) -> None:
             assert found["ratio"] > 0 and len(found["per_seed"]) == config.fig2_seeds, criterion
             assert found["inside_band"] == (band["band"][0] <= found["ratio"] <= band["band"][1])
     final = check["by_step"][str(config.fig2_steps)]
+    assert set(final["suggestions"]) == {"feature", "loss", "curvature", "sharpness"}
+    assert check["criteria_at_T"] == {
+        name: {"ratio": found["ratio"], "inside_band": found["inside_band"]}
+        for name, found in final["suggestions"].items()
+    }
     assert check["suggested_ratio"] == final["suggestions"]["loss"]["ratio"]
     assert check["band"] == final["band"]["band"]
     assert check["inside_band"] == (check["band"][0] <= check["suggested_ratio"] <= check["band"][1])

@@ -1,7 +1,7 @@
 """Analysis of adapters and training runs.
 
 - :mod:`~lorakit.analysis.diagnostics`: LoRA+ efficiency terms δ¹/δ² per layer during training (Hayou et
-  al.) and the η_B/η_A ratio that balances them.
+  al.), optional curvature terms along each factor's step, and the η_B/η_A ratio they suggest.
 - :mod:`~lorakit.analysis.similarity`: subspace similarity of A, B and ΔW across adapters (Hu et al.'s φ,
   principal angles, CCA as in Zhu et al.'s Fig. 1).
 - :mod:`~lorakit.analysis.spectrum`: singular values, effective rank and energy ranks of ΔW = s·B·A.
@@ -14,6 +14,8 @@ from lorakit.analysis.diagnostics import (
     RatioSuggestion,
     balancing_ratio,
     delta_terms,
+    hessian_quadratic_forms,
+    quadratic_model_ratio,
     read_diagnostics,
     suggest_ratio,
 )
@@ -30,9 +32,11 @@ __all__ = [
     "compare_subspaces",
     "delta_spectrum",
     "delta_terms",
+    "hessian_quadratic_forms",
     "load_adapter_factors",
     "pairwise_similarity",
     "phi",
+    "quadratic_model_ratio",
     "read_diagnostics",
     "suggest_ratio",
 ]

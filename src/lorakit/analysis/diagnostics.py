@@ -21,6 +21,8 @@ Usage with any training loop::
         diag.after_step()       # computes δ terms, appends to diagnostics.jsonl
         opt.zero_grad()
 
+``diag.after_step(loss_fn=lambda: model(batch).loss)`` also measures the curvature terms (below).
+
 With ``transformers.Trainer``: ``Trainer(..., callbacks=[HFDeltaDiagnosticsCallback(every=10)])`` (the run
 folder defaults to ``args.output_dir``). The step counter is internal (or set with ``begin_step(step)``);
 inputs are captured by forward pre-hooks that only copy data while a measured step is armed, the layer is in
@@ -33,11 +35,14 @@ File format of ``<run_dir>/diagnostics.jsonl`` (one JSON object per measured ste
     {"step": 10,
      "layers": {"<module path>": {"delta1": float, "delta2": float, "delta3": float, "ratio": float|null,
                                   "loss1": float|null, "loss2": float|null,
+                                  "curv1": float|null, "curv2": float|null,   (only with a loss closure)
                                   "lr_A": float|null, "lr_B": float|null}, ...},
      "overall": {"delta1": float, "delta2": float, "delta3": float, "ratio": float|null}}
 
 ``ratio`` is δ¹/δ² (null when δ² = 0). ``loss1``/``loss2`` are ⟨dZ̄, δ¹⟩, ⟨dZ̄, δ²⟩ (below; null when the
-factor has no ``.grad``). ``overall`` is the root-mean-square over layers of each term.
+factor has no ``.grad``). ``curv1``/``curv2`` are the curvatures ⟨ΔA, H_AA ΔA⟩, ⟨ΔB, H_BB ΔB⟩ along the step
+(below); the keys exist only on steps measured with ``after_step(loss_fn=...)``, null for a frozen factor.
+``overall`` is the root-mean-square over layers of each δ term.
 ``lr_A``/``lr_B`` are the learning rates of the param groups holding the layer's factors (null if the
 optimizer is unknown or the factor is frozen). The file is rewritten atomically after every measurement.
 
@@ -74,6 +79,48 @@ rate pair with the lowest loss (under plain GD that pair sits at the edge of sta
 median over measured steps and layers of the per-(step, layer) λ', skipping step 0 and the first
 ``skip_fraction`` of the measured steps (transients, e.g. δ¹ = 0 while B = 0 under Init[1]); ``max_step``
 restricts it to early (feature-learning) steps.
+
+**Curvature-aware criteria.** Both first-order criteria say how to *share* a step between the factors, not
+how long each factor's step may be. Two second-order criteria add the loss curvature, through the diagonal
+Hessian blocks ``H_AA = ∂²L/∂A²`` and ``H_BB = ∂²L/∂B²`` (the cross block ``H_AB`` is ignored, as a
+per-factor learning rate cannot act on it):
+
+* ``criterion="curvature"`` (local quadratic model along each factor's own step). With ``ΔA = −η_A P_A``
+  and the other factor held at its pre-step value, the second-order model of the loss is
+  ``L(A − η P_A) ≈ L − η·⟨∇_A L, P_A⟩ + ½η²·⟨P_A, H_AA P_A⟩``, minimised at
+  ``η*_A = ⟨∇_A L, P_A⟩ / ⟨P_A, H_AA P_A⟩`` when the curvature is positive (the exact line-search step of the
+  quadratic model; for GD, ``‖∇_A L‖²/⟨∇_A L, H_AA ∇_A L⟩``, the Cauchy step). Likewise for B, and the
+  suggestion is ``λ' = η*_B/η*_A``. In terms of the recorded step (``loss1 = ⟨∇_A L, ΔA⟩ = −η_A⟨∇_A L, P_A⟩``,
+  ``curv1 = ⟨ΔA, H_AA ΔA⟩ = η_A²⟨P_A, H_AA P_A⟩``) the optimal multiple of the step taken is
+  ``m*_A = η*_A/η_A = −loss1/curv1``, so ``λ' = λ · m*_B/m*_A = λ · (loss2/curv2)/(loss1/curv1)``, whatever
+  the optimizer's processing P (GD, Adam, …). It extends the ``"loss"`` criterion (LoRA+ App. B) by the
+  ``½η²`` term of the same expansion: each factor gets the rate that minimises its own quadratic model, and
+  λ' is their ratio. It still looks one step ahead at a fixed state.
+* ``criterion="sharpness"`` (stability edge). Gradient descent with rate η on a quadratic diverges along
+  an eigenvector of H once η > 2/λ_max(H). Treating the blocks as decoupled, the largest stable rates are
+  ``2/λ_max(H_AA)`` and ``2/λ_max(H_BB)``; putting both factors at the same fraction of their edge (the
+  LoRA+ text on Fig. 2 notes that the best toy rates sit near the edge of stability, citing Cohen et al.)
+  gives ``λ' = λ_max(H_AA)/λ_max(H_BB)`` (fields ``sharp1``, ``sharp2``). This holds for plain GD only
+  (for Adam the edge is that of the preconditioned Hessian), needs an eigenvalue per factor (power
+  iteration: many Hessian-vector products), and is measured only by the toy
+  (:mod:`lorakit.experiments.loraplus_toy`).
+
+``"curvature"`` is the one :class:`DeltaDiagnostics` measures: it is the exact minimiser of the local
+model along the step actually taken, holds for any optimizer, and costs one Hessian-vector product per
+factor. With ``after_step(loss_fn=...)`` (a closure recomputing the loss of the measured batch at the
+current parameters), ``curv`` is taken by a central difference of gradients along the step,
+``⟨Δ, H Δ⟩ ≈ ⟨Δ, ∇L(θ + εΔ) − ∇L(θ − εΔ)⟩/(2ε)`` at the pre-step state θ, one factor at a time (all layers'
+A factors together, then all B factors): four extra forward/backward passes on measured steps only, all
+with the same forked RNG seed (so dropout masks agree), exact for a loss quadratic in the factor. The
+default ``curvature_eps = 1`` makes it the secant curvature over the step taken (robust in low precision);
+a smaller ε approaches the Hessian at θ. Per layer, ``curv1`` is that layer's share
+``⟨ΔA_l, (H_AA ΔA)_l⟩`` of the curvature of the joint A-block (the layers' shares add up to
+``⟨ΔA, H_AA ΔA⟩``; for a single adapted layer it is the layer's own block). No double backward is needed,
+so fused kernels without second derivatives work. The closure must compute the same loss as the step's
+gradient (same batch; under gradient accumulation, the same micro-batches), and on the unwrapped model.
+
+On the LoRA+ toy under GD none of the four criteria lands in the near-best λ band at t = T (numbers in
+``docs/results.md``); the default stays ``"loss"``.
 """
 
 from __future__ import annotations
@@ -83,7 +130,7 @@ import logging
 import math
 import os
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +194,58 @@ def first_order_loss_term(grad: torch.Tensor, before: torch.Tensor, after: torch
     return float((grad.double() * (after.double() - before.double())).sum())
 
 
+def _gradients_at(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    seed: int,
+) -> list[torch.Tensor]:
+    """∇L w.r.t. ``params`` with ``params`` set to ``values``, under a forked RNG seeded with ``seed``."""
+    with torch.no_grad():
+        for param, value in zip(params, values, strict=True):
+            param.copy_(value)
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        torch.manual_seed(seed)
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+
+
+def hessian_quadratic_forms(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    directions: Sequence[torch.Tensor],
+    eps: float = 1.0,
+    seed: int = 0,
+) -> list[float]:
+    """Per tensor i, ``⟨v_i, (H v)_i⟩`` with H the Hessian of ``loss_fn()`` w.r.t. ``params`` jointly, at the
+    current values θ, along v = ``directions``; their sum is ``⟨v, H v⟩``.
+
+    Central difference of gradients, ``H v ≈ (∇L(θ + εv) − ∇L(θ − εv))/(2ε)``: two forward/backward passes,
+    both under the same forked RNG seed (equal dropout masks), exact when the loss is quadratic in
+    ``params``. The parameters are restored to θ afterwards. Dot products in float64.
+    """
+    if eps <= 0:
+        raise ValueError(f"lorakit.analysis.diagnostics: eps must be > 0, got {eps}")
+    base = [p.detach().clone() for p in params]
+    try:
+        plus = _gradients_at(
+            loss_fn, params, [b + eps * v for b, v in zip(base, directions, strict=True)], seed
+        )
+        minus = _gradients_at(
+            loss_fn, params, [b - eps * v for b, v in zip(base, directions, strict=True)], seed
+        )
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, base, strict=True):
+                param.copy_(value)
+    return [
+        float((v.double() * (gp.double() - gm.double())).sum()) / (2.0 * eps)
+        for v, gp, gm in zip(directions, plus, minus, strict=True)
+    ]
+
+
 @dataclass
 class _Tracked:
     name: str
@@ -161,7 +260,8 @@ class DeltaDiagnostics:
     """Measures δ¹, δ², δ³ of every LoRA layer every ``every``-th step (see the module docstring).
 
     ``layers``: explicit ``(name, layer)`` pairs; default ``lorakit.lora_layers(model)``. ``run_dir``: where
-    ``diagnostics.jsonl`` is written (None: keep in memory only, see :attr:`records`).
+    ``diagnostics.jsonl`` is written (None: keep in memory only, see :attr:`records`). ``curvature_eps``: the
+    ε of the finite-difference curvature ``curv1``/``curv2``, in units of the step (module docstring).
     """
 
     def __init__(
@@ -172,18 +272,23 @@ class DeltaDiagnostics:
         optimizer: torch.optim.Optimizer | None = None,
         max_rows: int = 256,
         layers: Iterable[tuple[str, nn.Module]] | None = None,
+        curvature_eps: float = 1.0,
     ) -> None:
+        if curvature_eps <= 0:
+            raise ValueError(f"lorakit.analysis.diagnostics: curvature_eps must be > 0, got {curvature_eps}")
         if every < 1:
             raise ValueError(f"lorakit.analysis.diagnostics: every must be >= 1, got {every}")
         if max_rows < 1:
             raise ValueError(f"lorakit.analysis.diagnostics: max_rows must be >= 1, got {max_rows}")
         self.every = every
         self.max_rows = max_rows
+        self.curvature_eps = curvature_eps
         self.optimizer = optimizer
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.records: list[dict[str, Any]] = []
         self.step = 0
         self._tracked: list[_Tracked] = []
+        self._recomputing = False
         if layers is not None or model is not None:
             self.attach(model, layers)
 
@@ -217,7 +322,13 @@ class DeltaDiagnostics:
 
     def _make_hook(self, tracked: _Tracked):
         def hook(module: nn.Module, args: tuple) -> None:
-            if not self.armed or tracked.x is not None or not module.training or not args:
+            if (
+                self._recomputing
+                or not self.armed
+                or tracked.x is not None
+                or not module.training
+                or not args
+            ):
                 return
             x = args[0]
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -245,11 +356,17 @@ class DeltaDiagnostics:
             tracked.snapshot = (a.detach().clone(), b.detach().clone())
             tracked.grads = tuple(None if t.grad is None else t.grad.detach().clone() for t in (a, b))
 
-    def after_step(self) -> dict[str, Any] | None:
-        """Call right after ``optimizer.step()``: computes δ terms, records them, advances the counter."""
+    def after_step(self, loss_fn: Callable[[], torch.Tensor] | None = None) -> dict[str, Any] | None:
+        """Call right after ``optimizer.step()``: computes δ terms, records them, advances the counter.
+
+        ``loss_fn``: optional closure returning the loss of this step's batch at the model's current
+        parameters; on measured steps it adds ``curv1``/``curv2`` (four extra forward/backward passes, see the
+        module docstring). It is not called on other steps.
+        """
         record = None
         if self.armed:
-            record = self._measure()
+            curvature = self._curvature(loss_fn) if loss_fn is not None else None
+            record = self._measure(curvature)
             if record is not None:
                 self.records.append(record)
                 if self.run_dir is not None:
@@ -261,8 +378,45 @@ class DeltaDiagnostics:
         self.step += 1
         return record
 
+    def _curvature(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, tuple[float | None, float | None]]:
+        """Per layer ``(⟨ΔA, H_AA ΔA⟩, ⟨ΔB, H_BB ΔB⟩)`` shares at the pre-step state (module docstring)."""
+        tracked = [t for t in self._tracked if t.snapshot is not None]
+        factors = [(_factor(t.layer, "lora_A"), _factor(t.layer, "lora_B")) for t in tracked]
+        new = [(a.detach().clone(), b.detach().clone()) for a, b in factors]
+        out: dict[str, list[float | None]] = {t.name: [None, None] for t in tracked}
+        self._recomputing = True
+        try:
+            with torch.no_grad():  # the quadratic model is taken at the state the step started from
+                for (a, b), t in zip(factors, tracked, strict=True):
+                    a.copy_(t.snapshot[0])
+                    b.copy_(t.snapshot[1])
+            for k in (0, 1):
+                chosen = [
+                    (t.name, pair[k], (n[k] - t.snapshot[k]).to(pair[k].dtype))
+                    for t, pair, n in zip(tracked, factors, new, strict=True)
+                    if pair[k].requires_grad
+                ]
+                if not chosen:
+                    continue
+                params = [c[1] for c in chosen]
+                directions = [c[2] for c in chosen]
+                shares = hessian_quadratic_forms(
+                    loss_fn, params, directions, self.curvature_eps, seed=self.step
+                )
+                for (name, *_), share in zip(chosen, shares, strict=True):
+                    out[name][k] = share
+        finally:
+            self._recomputing = False
+            with torch.no_grad():
+                for (a, b), (a_new, b_new) in zip(factors, new, strict=True):
+                    a.copy_(a_new)
+                    b.copy_(b_new)
+        return {name: (v[0], v[1]) for name, v in out.items()}
+
     @torch.no_grad()
-    def _measure(self) -> dict[str, Any] | None:
+    def _measure(
+        self, curvature: dict[str, tuple[float | None, float | None]] | None = None
+    ) -> dict[str, Any] | None:
         layers: dict[str, dict[str, float | None]] = {}
         lrs = self._learning_rates()
         for tracked in self._tracked:
@@ -288,6 +442,11 @@ class DeltaDiagnostics:
                 "ratio": d1 / d2 if d2 > 0 else None,
                 "loss1": loss1,
                 "loss2": loss2,
+                **(
+                    {}
+                    if curvature is None
+                    else dict(zip(("curv1", "curv2"), curvature.get(tracked.name, (None, None)), strict=True))
+                ),
                 "lr_A": lr_a,
                 "lr_B": lr_b,
             }
@@ -339,8 +498,24 @@ def read_diagnostics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-#: criteria of :func:`suggest_ratio`: which pair of per-factor terms is balanced
-CRITERIA = ("feature", "loss")
+#: criteria of :func:`suggest_ratio`: which pair of per-factor terms is balanced (module docstring)
+CRITERIA = ("feature", "loss", "curvature", "sharpness")
+
+#: record fields each criterion reads, and how to get them when a file lacks them
+CRITERION_FIELDS = {
+    "feature": ("delta1", "delta2"),
+    "loss": ("loss1", "loss2"),
+    "curvature": ("loss1", "loss2", "curv1", "curv2"),
+    "sharpness": ("sharp1", "sharp2"),
+}
+_HOW_TO_MEASURE = {
+    "feature": "record them with DeltaDiagnostics",
+    "loss": "record them with DeltaDiagnostics (factors need .grad before optimizer.step())",
+    "curvature": "measure them with DeltaDiagnostics.after_step(loss_fn=...), a closure recomputing the loss "
+    "of the measured batch (four extra forward/backward passes on measured steps)",
+    "sharpness": "top Hessian-block eigenvalues are measured only by the LoRA+ toy "
+    "(lorakit.experiments.loraplus_toy); use criterion='curvature' for real models",
+}
 
 
 @dataclass
@@ -367,12 +542,40 @@ def balancing_ratio(delta1: float, delta2: float, current_ratio: float) -> float
     return current_ratio * delta1 / delta2
 
 
-def _terms(layer: dict[str, Any], criterion: str) -> tuple[float, float] | None:
-    if criterion == "feature":
-        return layer["delta1"], layer["delta2"]
-    if layer.get("loss1") is None or layer.get("loss2") is None:
+def quadratic_model_ratio(
+    loss1: float, loss2: float, curv1: float, curv2: float, current_ratio: float
+) -> float:
+    """``λ' = η*_B/η*_A = λ · m*_B/m*_A`` with ``m* = −loss/curv`` the step multiple minimising each factor's
+    quadratic model ``m·loss + ½m²·curv`` (module docstring, ``criterion="curvature"``).
+
+    ``loss1``, ``loss2``: ``⟨∇L, Δθ⟩`` per factor (negative); ``curv1``, ``curv2``: ``⟨Δθ, H Δθ⟩`` (positive).
+    """
+    if not (loss1 < 0 and loss2 < 0 and curv1 > 0 and curv2 > 0 and current_ratio > 0):
+        raise ValueError(
+            f"lorakit.analysis.diagnostics: need loss terms < 0 and curvatures > 0, got loss "
+            f"{loss1!r}, {loss2!r}, curvature {curv1!r}, {curv2!r} (ratio {current_ratio!r})"
+        )
+    return current_ratio * (loss2 / curv2) / (loss1 / curv1)
+
+
+def _balanced(layer: dict[str, Any], criterion: str, current: float) -> float | None:
+    """λ' of one (step, layer) entry, or None when its terms do not allow one (frozen factor, loss increase
+    to first order, non-positive curvature)."""
+    values = [layer.get(key) for key in CRITERION_FIELDS[criterion]]
+    if any(v is None for v in values):
         return None
-    return -layer["loss1"], -layer["loss2"]  # loss decreases
+    if criterion == "feature":
+        d1, d2 = values
+        return balancing_ratio(d1, d2, current) if d1 > 0 and d2 > 0 else None
+    if criterion == "loss":
+        l1, l2 = values
+        return balancing_ratio(-l1, -l2, current) if l1 < 0 and l2 < 0 else None  # loss decreases
+    if criterion == "curvature":
+        l1, l2, c1, c2 = values
+        usable = l1 < 0 and l2 < 0 and c1 > 0 and c2 > 0
+        return quadratic_model_ratio(l1, l2, c1, c2, current) if usable else None
+    s1, s2 = values
+    return s1 / s2 if s1 > 0 and s2 > 0 else None
 
 
 def _records_iter(records: Iterable[dict[str, Any]] | str | os.PathLike) -> list[dict[str, Any]]:
@@ -389,16 +592,20 @@ def suggest_ratio(
     criterion: str = "loss",
     max_step: int | None = None,
 ) -> RatioSuggestion:
-    """Robust λ = η_B/η_A balancing the two factors' terms: median over steps and layers of ``λ_cur·t¹/t²``.
+    """Robust λ = η_B/η_A from the records: the median over steps and layers of the per-entry λ'.
 
-    ``criterion``: ``"feature"`` balances the RMS feature changes δ¹ and δ² (LoRA+ §4); ``"loss"`` balances
-    the first-order loss decreases −⟨dZ̄, δ¹⟩ and −⟨dZ̄, δ²⟩ (LoRA+ App. B; needs ``loss1``/``loss2`` in the
-    records). Derivation and caveats in the module docstring.
+    ``criterion`` (derivations in the module docstring): ``"loss"`` (default) balances the first-order loss
+    decreases −⟨dZ̄, δ¹⟩ and −⟨dZ̄, δ²⟩ (LoRA+ App. B; fields ``loss1``/``loss2``); ``"feature"`` balances the
+    RMS feature changes δ¹ and δ² (LoRA+ §4); ``"curvature"`` takes the ratio of the per-factor rates that
+    minimise the local quadratic model, ``λ·(loss2/curv2)/(loss1/curv1)`` (needs ``curv1``/``curv2``, from
+    ``DeltaDiagnostics.after_step(loss_fn=...)``); ``"sharpness"`` the ratio of the factors' stability
+    edges, ``sharp1/sharp2`` = λ_max(H_AA)/λ_max(H_BB) (toy records only).
     ``records``: diagnostics records (as written by :class:`DeltaDiagnostics`) or a path to them.
     ``lr_A``, ``lr_B``: the rates used, when the records lack them (records' own values win).
     Uses steps ``1..max_step`` (all when None), then skips the first ``skip_fraction`` of them; ignores
-    entries whose terms are not both positive (a frozen factor, or a step that raised the loss to first
-    order). Raises ``ValueError`` when nothing usable remains.
+    entries whose terms give no λ' (a frozen factor, a step that raised the loss to first order, a
+    non-positive curvature). Raises ``ValueError`` naming the missing field when no entry has the fields the
+    criterion needs, and when nothing usable remains.
     """
     if criterion not in CRITERIA:
         raise ValueError(
@@ -411,15 +618,25 @@ def suggest_ratio(
     last = math.inf if max_step is None else max_step
     items = sorted((r for r in _records_iter(records) if 0 < r["step"] <= last), key=lambda r: r["step"])
     items = items[int(len(items) * skip_fraction) :]
+    fields = CRITERION_FIELDS[criterion]
+    lacking = [
+        (record["step"], name, [key for key in fields if key not in layer])
+        for record in items
+        for name, layer in record["layers"].items()
+    ]
+    if lacking and all(missing for _, _, missing in lacking):
+        step, name, missing = lacking[0]
+        raise ValueError(
+            f"lorakit.analysis.diagnostics: criterion {criterion!r} needs the fields {list(fields)}; the "
+            f"records lack {missing} (e.g. step {step}, layer {name!r}): {_HOW_TO_MEASURE[criterion]}"
+        )
     values: list[float] = []
     current: list[float] = []
     per_layer_values: dict[str, list[float]] = {}
     for record in items:
         for name, layer in record["layers"].items():
-            terms = _terms(layer, criterion)
-            if terms is None or not (terms[0] > 0 and terms[1] > 0):
-                continue  # a frozen factor, no gradient recorded, or a first-order loss increase
-            d1, d2 = terms
+            if _balanced(layer, criterion, 1.0) is None:
+                continue  # a frozen factor, a first-order loss increase or a non-positive curvature
             la = layer.get("lr_A") if layer.get("lr_A") is not None else lr_A
             lb = layer.get("lr_B") if layer.get("lr_B") is not None else lr_B
             if la is None or lb is None:
@@ -429,14 +646,19 @@ def suggest_ratio(
                 )
             if la <= 0 or lb <= 0:
                 continue
-            value = balancing_ratio(d1, d2, lb / la)
+            value = _balanced(layer, criterion, lb / la)
             values.append(value)
             current.append(lb / la)
             per_layer_values.setdefault(name, []).append(value)
     if not values:
-        needs = "delta1 > 0 and delta2 > 0" if criterion == "feature" else "loss1 < 0 and loss2 < 0"
+        needs = {
+            "feature": "delta1 > 0 and delta2 > 0",
+            "loss": "loss1 < 0 and loss2 < 0",
+            "curvature": "loss1 < 0, loss2 < 0, curv1 > 0 and curv2 > 0",
+            "sharpness": "sharp1 > 0 and sharp2 > 0",
+        }[criterion]
         raise ValueError(
-            f"lorakit.analysis.diagnostics: no measurement with both {needs} after skipping the first "
+            f"lorakit.analysis.diagnostics: no measurement with {needs} after skipping the first "
             "steps; is one factor frozen?"
         )
     return RatioSuggestion(

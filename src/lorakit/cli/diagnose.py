@@ -3,7 +3,10 @@
 Reads ``RUN/diagnostics.jsonl`` written by :class:`lorakit.analysis.diagnostics.DeltaDiagnostics` (format in
 that module's docstring), prints per layer and overall the median δ¹, δ², δ³ and δ¹/δ² over the measured
 steps (first and last measured values of the ratio too), the suggested ratio under each criterion
-(``loss``: balance −⟨dZ̄, δ¹⟩ and −⟨dZ̄, δ²⟩, the default; ``feature``: balance the RMS δ¹ and δ²), and saves
+(``loss``: balance −⟨dZ̄, δ¹⟩ and −⟨dZ̄, δ²⟩, the default; ``feature``: balance the RMS δ¹ and δ²;
+``curvature``: ratio of the per-factor rates minimising the local quadratic model, when the run recorded
+``curv1``/``curv2``; ``sharpness``: ratio of the GD stability edges, toy records only; alternatives whose
+fields the file lacks are left out, the chosen one is reported as unavailable with the reason), and saves
 ``RUN/diagnostics.png`` (δ¹ solid, δ² dashed, per layer, log scale, against the step).
 """
 
@@ -14,7 +17,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lorakit.analysis.diagnostics import CRITERIA, iter_layer_series, read_diagnostics, suggest_ratio
+from lorakit.analysis.diagnostics import (
+    CRITERIA,
+    CRITERION_FIELDS,
+    iter_layer_series,
+    read_diagnostics,
+    suggest_ratio,
+)
 from lorakit.cli import LorakitError
 from lorakit.utils import atomic_save_figure
 
@@ -36,9 +45,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--criterion",
         choices=CRITERIA,
         default="loss",
-        help="headline suggestion: balance first-order loss decreases (loss, default) or RMS δ (feature)",
+        help="headline suggestion: balance first-order loss decreases (loss, default), RMS δ (feature), "
+        "quadratic-model step ratio (curvature; needs curv1/curv2 in the file) or stability-edge ratio "
+        "(sharpness; toy records only)",
     )
     parser.set_defaults(func=run_diagnose)
+
+
+_CAVEATS = {
+    "feature": "first-order, ignores curvature/stability",
+    "loss": "first-order, ignores curvature/stability",
+    "curvature": "one-step quadratic model per factor, ignores stability",
+    "sharpness": "plain-GD stability edges per factor",
+}
 
 
 def _fmt(value: float | None) -> str:
@@ -124,6 +143,13 @@ def run_diagnose(args: argparse.Namespace) -> int:
         )
     criterion = getattr(args, "criterion", "loss")
     for name in sorted(CRITERIA, key=lambda c: c != criterion):
+        recorded = any(
+            all(key in layer for key in CRITERION_FIELDS[name])
+            for record in records
+            for layer in record["layers"].values()
+        )
+        if name != criterion and not recorded:
+            continue
         try:
             suggestion = suggest_ratio(
                 records, lr_A=args.lr_a, lr_B=args.lr_b, skip_fraction=args.skip_fraction, criterion=name
@@ -132,9 +158,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
             print(f"suggested ratio ({name}): unavailable ({error})")
             continue
         print(
-            f"{'suggested' if name == criterion else 'alternative'} ({name} balance): current η_B/η_A = "
+            f"{'suggested' if name == criterion else 'alternative'} ({name} criterion): current η_B/η_A = "
             f"{suggestion.current_ratio:.3g} -> η_B/η_A = {suggestion.ratio:.3g} (median of "
-            f"{suggestion.samples} layer-steps; first-order, ignores curvature/stability)"
+            f"{suggestion.samples} layer-steps; {_CAVEATS[name]})"
         )
     plot = Path(args.plot) if args.plot else (run if run.is_dir() else run.parent) / "diagnostics.png"
     plot_deltas(records, plot)

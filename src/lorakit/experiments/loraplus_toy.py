@@ -15,9 +15,10 @@ Experiments run by ``lorakit reproduce loraplus``:
 
 1. **Fig. 2 grid** (plain full-batch GD, n=100): train/test loss heatmaps at t=10 and t=T (T≈200)
    with the eta_A = eta_B line and the cells within 1% of the best loss marked.
-2. **Ratio suggestion check**: ``lorakit.analysis.diagnostics.suggest_ratio`` is fed the δ¹, δ²
-   measured on a run at the best equal-rate cell and its λ compared with the band of λ = eta_B/eta_A
-   among the near-best (within 1%) cells of the grid.
+2. **Ratio suggestion check**: ``lorakit.analysis.diagnostics.suggest_ratio`` is fed the δ terms, the
+   first-order loss terms and the curvature terms (⟨Δθ, H Δθ⟩ per factor, top Hessian-block eigenvalues)
+   measured on a run at the best equal-rate cell, and each criterion's λ is compared with the band of
+   λ = eta_B/eta_A among the near-best (within 1%) cells of the grid.
 3. **Width scaling**: the same toy for n ∈ {64, …, 2048} with Adam (as in Theorem 1) and with GD; the
    best eta_B/eta_A per width and seed, a log-log fit of its growth in n with a bootstrap interval over
    seeds, and δ¹, δ² against width for a shared rate and for eta_A ∝ 1/n (Theorem 1 / NOTES.md C.7).
@@ -100,6 +101,8 @@ class GridResult:
     delta_steps: list[int]
     deltas: np.ndarray  # (3, G, len(delta_steps)): RMS δ¹, δ², δ³ per step (nan once diverged)
     loss_terms: np.ndarray | None = None  # (2, G, len(delta_steps)): ⟨∇_A L, ΔA⟩, ⟨∇_B L, ΔB⟩ per step
+    curvature: np.ndarray | None = None  # (2, G, len(delta_steps)): ⟨ΔA, H_AA ΔA⟩, ⟨ΔB, H_BB ΔB⟩ per step
+    sharpness: np.ndarray | None = None  # (2, G, len(delta_steps)): λ_max(H_AA), λ_max(H_BB) per step
 
     def mean_deltas(self) -> np.ndarray:
         """(3, G) mean over the measured steps (nan for diverged configurations)."""
@@ -115,6 +118,54 @@ def _forward(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, W_out: torch.Ten
     return z, u, f
 
 
+#: power iterations per measured step for λ_max(H_AA), λ_max(H_BB), warm-started from the previous step
+_POWER_ITERATIONS = 20
+
+
+def _curvature_terms(
+    h: torch.Tensor,
+    z: torch.Tensor,
+    B: torch.Tensor,
+    w: torch.Tensor,
+    dA: torch.Tensor,
+    dB: torch.Tensor,
+    vectors: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``⟨ΔA, H_AA ΔA⟩, ⟨ΔB, H_BB ΔB⟩`` (each (g,)) and λ_max(H_AA), λ_max(H_BB) for the MSE toy.
+
+    With the other factor fixed, the pre-activation u = B A h is linear in each factor and f = W_out·relu(u)
+    is piecewise linear, so (almost everywhere, as autograd sees it) each Hessian block is a Gauss-Newton
+    matrix: ``H_AA = (2/N) Σ_i J_iᵀ J_i`` with ``J_i V = c_iᵀ V h_i``, ``c_i = Bᵀ w_i``; ``H_BB`` likewise
+    with ``J_i V = w_iᵀ V z_i``; ``w_i = W_out ⊙ 1[u_i > 0]`` (``w``: (g, N, n)), ``z_i = A h_i``. λ_max by
+    power iteration on ``vectors`` ([V_A, V_B], updated in place to the current top-eigenvector estimates).
+    """
+    N = h.shape[0]
+    c = torch.einsum("gNn,gnr->gNr", w, B)
+
+    def jac_a(V: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("gNr,gNr->gN", c, torch.einsum("Nn,grn->gNr", h, V))
+
+    def jac_b(V: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("gNn,gNn->gN", w, torch.einsum("gNr,gnr->gNn", z, V))
+
+    def hvp_a(V: torch.Tensor) -> torch.Tensor:
+        return (2.0 / N) * torch.einsum("gN,gNr,Nn->grn", jac_a(V), c, h)
+
+    def hvp_b(V: torch.Tensor) -> torch.Tensor:
+        return (2.0 / N) * torch.einsum("gN,gNn,gNr->gnr", jac_b(V), w, z)
+
+    curv = torch.stack([(2.0 / N) * jac_a(dA).pow(2).sum(1), (2.0 / N) * jac_b(dB).pow(2).sum(1)])
+    top = []
+    for k, hvp in enumerate((hvp_a, hvp_b)):
+        v = vectors[k]
+        for _ in range(_POWER_ITERATIONS):
+            hv = hvp(v)
+            v = hv / hv.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1)
+        vectors[k] = v
+        top.append((v * hvp(v)).sum((1, 2)))
+    return curv, torch.stack(top)
+
+
 def train_configs(
     problem: ToyProblem,
     eta_A: np.ndarray | torch.Tensor,
@@ -125,6 +176,7 @@ def train_configs(
     delta_steps: list[int] | None = None,
     delta_rows: int = 256,
     progress: tqdm | None = None,
+    curvature: bool = False,
 ) -> GridResult:
     """Train one (A, B) pair per learning-rate pair ``(eta_A[i], eta_B[i])`` from the shared init.
 
@@ -135,7 +187,11 @@ def train_configs(
     and averaged: δ¹ = B_{t-1}(A_t - A_{t-1})h, δ² = (B_t - B_{t-1})A_{t-1}h, δ³ = ΔB ΔA h, RMS over
     rows and units, where h = relu(W_in x) is the adapted layer's input. On the same steps the first-order
     loss terms ⟨dZ̄, δ¹⟩ = ⟨∇_A L, ΔA⟩ and ⟨dZ̄, δ²⟩ = ⟨∇_B L, ΔB⟩ (LoRA+ App. B) are taken with the full
-    training batch (``loss_terms``).
+    training batch (``loss_terms``). With ``curvature``, also (full batch, same steps) the curvatures
+    ⟨ΔA, H_AA ΔA⟩, ⟨ΔB, H_BB ΔB⟩ along each factor's step and the top eigenvalues λ_max(H_AA), λ_max(H_BB)
+    of the loss Hessian blocks at the pre-step state (:func:`_curvature_terms`; ``curvature``,
+    ``sharpness``), the inputs of the ``"curvature"`` and ``"sharpness"`` criteria of
+    ``lorakit.analysis.diagnostics.suggest_ratio``.
     """
     if optimizer not in ("gd", "adam"):
         raise ValueError(f"loraplus_toy: optimizer must be 'gd' or 'adam', got {optimizer!r}")
@@ -156,6 +212,8 @@ def train_configs(
     out = {k: np.full((G, len(record)), np.inf) for k in ("train", "test")}
     deltas = np.full((3, G, len(measured)), np.nan)
     loss_terms = np.full((2, G, len(measured)), np.nan)
+    curv = np.full((2, G, len(measured)), np.nan) if curvature else None
+    sharp = np.full((2, G, len(measured)), np.nan) if curvature else None
     h_train = torch.relu(problem.x_train @ problem.W_in.T)
     h_test = torch.relu(problem.x_test @ problem.W_in.T)
     h_delta = h_train[:delta_rows]
@@ -171,6 +229,7 @@ def train_configs(
         if optimizer == "adam":
             mA, vA, mB, vB = (torch.zeros_like(t) for t in (A, A, B, B))
         alive = torch.ones(g, dtype=torch.bool)
+        vectors = [torch.ones_like(A), torch.ones_like(B)]  # power-iteration starts
         initial = None
         for t in range(1, steps + 1):
             z, u, f = _forward(h_train, A, B, W_out)
@@ -204,6 +263,11 @@ def train_configs(
                     deltas[i, lo:hi, col] = d.pow(2).mean((1, 2)).sqrt().double().numpy()
                 for i, (grad, change) in enumerate(((gA, dA), (gB, dB))):
                     loss_terms[i, lo:hi, col] = (grad.double() * change.double()).sum((1, 2)).numpy()
+                if curvature:
+                    w = W_out * (u > 0)
+                    quad, top = _curvature_terms(h_train, z, B, w, dA, dB, vectors)
+                    curv[:, lo:hi, col] = quad.double().numpy()
+                    sharp[:, lo:hi, col] = top.double().numpy()
             A = A + dA
             B = B + dB
             # loss after step t (the loss the parameters of step t give)
@@ -226,9 +290,12 @@ def train_configs(
         dead = np.flatnonzero(~alive.numpy()) + lo
         deltas[:, dead, :] = np.nan
         loss_terms[:, dead, :] = np.nan
+        for extra in (curv, sharp):
+            if extra is not None:
+                extra[:, dead, :] = np.nan
         if progress is not None:
             progress.update(g)
-    return GridResult(record, out["train"], out["test"], measured, deltas, loss_terms)
+    return GridResult(record, out["train"], out["test"], measured, deltas, loss_terms, curv, sharp)
 
 
 # -- experiment configuration ------------------------------------------------------------------------
@@ -364,17 +431,32 @@ def _records(result: GridResult, index: int, lr_a: float, lr_b: float, name: str
         l1, l2 = (float(result.loss_terms[i, index, col]) for i in range(2))
         if all(math.isfinite(v) for v in (d1, d2, l1, l2)):
             layer = {"delta1": d1, "delta2": d2, "delta3": d3, "loss1": l1, "loss2": l2}
+            for key, values in (("curv", result.curvature), ("sharp", result.sharpness)):
+                if values is not None:
+                    layer[f"{key}1"], layer[f"{key}2"] = (float(values[i, index, col]) for i in range(2))
             records.append({"step": t, "layers": {name: {**layer, "lr_A": lr_a, "lr_B": lr_b}}})
     return records
 
 
-def _measure(config: ToyConfig, eta_a: float, eta_b: float) -> list[dict[str, Any]] | None:
-    """GD runs at (eta_a, eta_b) as records: one layer name per seed; None if a seed diverged."""
+def _measure(
+    config: ToyConfig, eta_a: float, eta_b: float, curvature: bool = False
+) -> list[dict[str, Any]] | None:
+    """GD runs at (eta_a, eta_b) as records: one layer name per seed; None if a seed diverged. With
+    ``curvature`` the records carry ``curv1``/``curv2`` and ``sharp1``/``sharp2`` too."""
     records: list[dict[str, Any]] = []
     for seed in range(config.fig2_seeds):
         problem = make_problem(config.fig2_width, n_train=config.n_train, n_test=config.n_test, seed=seed)
         steps = list(range(1, config.fig2_steps + 1))
-        result = train_configs(problem, [eta_a], [eta_b], config.fig2_steps, "gd", [config.fig2_steps], steps)
+        result = train_configs(
+            problem,
+            [eta_a],
+            [eta_b],
+            config.fig2_steps,
+            "gd",
+            [config.fig2_steps],
+            steps,
+            curvature=curvature,
+        )
         if not np.isfinite(result.train_loss[0, 0]):
             return None
         records.extend(_records(result, 0, eta_a, eta_b, f"seed{seed}"))
@@ -382,7 +464,7 @@ def _measure(config: ToyConfig, eta_a: float, eta_b: float) -> list[dict[str, An
 
 
 def _suggestions(records: list[dict[str, Any]], max_step: int | None) -> dict[str, Any]:
-    """Pooled (median over seeds and steps) and per-seed λ for both criteria, steps 1..max_step."""
+    """Pooled (median over seeds and steps) and per-seed λ for every criterion, steps 1..max_step."""
     from lorakit.analysis.diagnostics import CRITERIA, suggest_ratio
 
     out = {}
@@ -440,12 +522,14 @@ def _ratio_band(config: ToyConfig, fig2: dict[str, Any], t: int) -> dict[str, An
 def run_ratio_check(config: ToyConfig, fig2: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Check ``suggest_ratio`` on the Fig. 2 toy against the near-best λ band, at t = early and t = T.
 
-    δ¹, δ² and the first-order loss terms are measured on GD runs at the best equal-rate cell of the final
+    δ¹, δ², the first-order loss terms and the curvature terms (⟨Δθ, H Δθ⟩ along each factor's step and the
+    top Hessian-block eigenvalues) are measured on GD runs at the best equal-rate cell of the final
     train-loss panel (the point a user who tuned plain LoRA starts from), for every seed. Suggestions use
-    steps 1..t for the panel at t, per criterion, pooled over seeds and per seed. The default criterion is
-    also iterated ``ratio_iterations`` times: run at (eta, λ_k·eta), suggest λ_{k+1}. The headline
-    ``suggested_ratio`` / ``band`` / ``inside_band`` are the default criterion's one-shot suggestion and the
-    band at t = T.
+    steps 1..t for the panel at t, per criterion of ``suggest_ratio`` (``feature``, ``loss``, ``curvature``,
+    ``sharpness``), pooled over seeds and per seed; ``criteria_at_T`` summarises them at t = T. The
+    headline criterion ``RATIO_CRITERION`` (``suggest_ratio``'s default) is also iterated
+    ``ratio_iterations`` times: run at (eta, λ_k·eta), suggest λ_{k+1}. The headline ``suggested_ratio`` /
+    ``band`` / ``inside_band`` are its one-shot suggestion and the band at t = T.
     """
     from lorakit.analysis.diagnostics import suggest_ratio
 
@@ -454,7 +538,7 @@ def run_ratio_check(config: ToyConfig, fig2: dict[str, Any], progress: bool = Tr
     with tqdm(
         total=len(steps) + 1 + config.ratio_iterations, desc="ratio check", disable=not progress
     ) as bar:
-        records = _measure(config, eta, eta)
+        records = _measure(config, eta, eta, curvature=True)
         bar.update(1)
         by_step = {}
         for t in steps:
@@ -482,12 +566,19 @@ def run_ratio_check(config: ToyConfig, fig2: dict[str, Any], progress: bool = Tr
         "suggested_ratio": headline,
         "band": band,
         "inside_band": headline is not None and bool(band[0] <= headline <= band[1]),
+        "criteria_at_T": {
+            name: {"ratio": found["ratio"], "inside_band": found["inside_band"]}
+            for name, found in final["suggestions"].items()
+        },
         "iterated": iterates,
         "iterated_inside_band": [None if v is None else bool(band[0] <= v <= band[1]) for v in iterates[1:]],
         "by_step": by_step,
         "measuring_run_diverged": records is None,
-        "assumption": "first-order balance of two terms linear in eta_A and eta_B (GD: exact for one step "
-        "at a fixed state); it ignores curvature, while the best GD cells sit at the edge of stability",
+        "assumption": "feature/loss: first-order balance of two terms linear in eta_A and eta_B (GD: exact "
+        "for one step at a fixed state), blind to curvature; curvature: ratio of the per-factor rates "
+        "minimising the local quadratic model along each factor's step (block-diagonal Hessian, one step "
+        "ahead); sharpness: ratio of the per-factor GD stability edges 2/lambda_max(H_AA), "
+        "2/lambda_max(H_BB)",
     }
 
 
@@ -667,9 +758,16 @@ def plot_fig2(fig2: dict[str, Any], path: Path, ratio: dict[str, Any] | None = N
         lo, hi = ratio["band"]
         verdict = "inside" if ratio["inside_band"] else "MISSES"
         title += (
-            f"\nsuggested λ = {ratio['suggested_ratio']:.3g} ({ratio['criterion']} balance) {verdict} the "
+            f"\nsuggested λ = {ratio['suggested_ratio']:.3g} ({ratio['criterion']} criterion) {verdict} the "
             f"1%-of-best band [{lo:.3g}, {hi:.3g}] at t={fig2['steps'][-1]}"
         )
+        others = [
+            f"{name} {found['ratio']:.3g} ({'in' if found['inside_band'] else 'out'})"
+            for name, found in ratio.get("criteria_at_T", {}).items()
+            if name != ratio["criterion"]
+        ]
+        if others:
+            title += "; other criteria: " + ", ".join(others)
     fig.suptitle(title)
     atomic_save_figure(fig, path)
 
