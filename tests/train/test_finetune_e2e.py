@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -81,6 +82,29 @@ def _adapter(run_dir):
     from safetensors.torch import load_file
 
     return load_file(f"{run_dir}/adapter/adapter_model.safetensors")
+
+
+def test_finetune_records_curvature_terms_for_the_curvature_criterion(tiny_model, sentiment_files, tmp_path):
+    from lorakit.analysis.diagnostics import suggest_ratio
+
+    with pytest.raises(ValueError, match="needs --diagnostics-every"):
+        finetune(_config(tiny_model, sentiment_files, tmp_path / "bad", diagnostics_curvature=True))
+    out = tmp_path / "run"
+    config = _config(
+        tiny_model, sentiment_files, out, max_steps=4, diagnostics_every=2, diagnostics_curvature=True,
+        grad_accum=2, save_every=None, eval_every=4,
+    )  # fmt: skip
+    assert finetune(config).status == "finished"
+    diagnostics = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    layers = [layer for record in diagnostics for layer in record["layers"].values()]
+    assert layers and all(math.isfinite(layer["curv2"]) for layer in layers)
+    # B starts at 0, so the step-0 gradient of A is 0: no A step, zero curvature along it.
+    assert all(layer["curv1"] == 0.0 for layer in diagnostics[0]["layers"].values())
+    assert all(math.isfinite(layer["curv1"]) for layer in diagnostics[-1]["layers"].values())
+    try:  # early in training the curvature along a step can be negative: then there is no suggestion
+        assert suggest_ratio(out / "diagnostics.jsonl", criterion="curvature", skip_fraction=0.0).ratio > 0
+    except ValueError as error:
+        assert "no measurement" in str(error)
 
 
 def test_finetune_writes_run_folder_and_evaluate_matches(tiny_model, sentiment_files, tmp_path):

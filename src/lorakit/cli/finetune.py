@@ -254,6 +254,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="every K steps, write lorakit.analysis.diagnostics records to diagnostics.jsonl",
     )
+    finetune.add_argument(
+        "--diagnostics-curvature",
+        action="store_true",
+        help="on measured steps also record the curvature terms curv1/curv2 for "
+        "`lorakit diagnose RUN --criterion curvature` (four extra forward/backward passes per measured step)",
+    )
     finetune.set_defaults(func=run_finetune)
 
     compare = subparsers.add_parser(
@@ -354,6 +360,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             out=args.out,
             resume=args.resume,
             diagnostics_every=args.diagnostics_every,
+            diagnostics_curvature=args.diagnostics_curvature,
         )
         summary = finetune(config)
     except _user_errors() as error:

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,7 @@ class FinetuneConfig:
     resume: bool = False
     progress: bool = True
     diagnostics_every: int | None = None
+    diagnostics_curvature: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):
@@ -359,21 +360,32 @@ def default_run_dir(config: FinetuneConfig, task_name: str) -> Path:
 
 class DiagnosticsCallback:
     """Adapts :class:`lorakit.analysis.diagnostics.DeltaDiagnostics` (δ¹, δ², δ³ of LoRA+ §4, written to
-    ``RUN/diagnostics.jsonl``) to the trainer's ``before_step(step)`` / ``after_step(step)`` hooks."""
+    ``RUN/diagnostics.jsonl``) to the trainer's ``before_step(step)`` / ``after_step(step)`` hooks.
+
+    ``loss_fn``: when given (``--diagnostics-curvature``), a closure recomputing the step's loss, so measured
+    steps also record the curvature terms ``curv1``/``curv2`` (four extra forward/backward passes each).
+    """
 
     def __init__(
-        self, model: nn.Module, optimizer: Any, every: int, run_dir: Path | None, start_step: int
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        every: int,
+        run_dir: Path | None,
+        start_step: int,
+        loss_fn: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         from lorakit.analysis.diagnostics import DeltaDiagnostics
 
         self.diagnostics = DeltaDiagnostics(model, every=every, run_dir=run_dir, optimizer=optimizer)
         self.diagnostics.begin_step(start_step)
+        self.loss_fn = loss_fn
 
     def before_step(self, step: int) -> None:
         self.diagnostics.before_step()
 
     def after_step(self, step: int) -> None:
-        self.diagnostics.after_step()
+        self.diagnostics.after_step(loss_fn=self.loss_fn)
 
 
 # ------------------------------------------------------------------------------------------- finetune
@@ -473,6 +485,8 @@ def finetune(
         hooks=run,
         callbacks=callbacks,
     )
+    if config.diagnostics_curvature and not config.diagnostics_every:
+        raise ValueError("--diagnostics-curvature needs --diagnostics-every K (the steps it measures)")
     if config.diagnostics_every:
         if not config.method.uses_adapters:
             raise ValueError(
@@ -480,7 +494,12 @@ def finetune(
             )
         trainer.callbacks.append(
             DiagnosticsCallback(
-                model, optimizer, config.diagnostics_every, run.path if run.is_main else None, 0
+                model,
+                optimizer,
+                config.diagnostics_every,
+                run.path if run.is_main else None,
+                0,
+                loss_fn=trainer.step_loss if config.diagnostics_curvature else None,
             )
         )
     if checkpoint is not None:

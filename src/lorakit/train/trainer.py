@@ -278,6 +278,18 @@ class Trainer:
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def step_loss(self) -> torch.Tensor:
+        """The loss whose gradient the current optimizer step uses, recomputed at the current parameters.
+
+        The mean over this step's micro-batches (what gradient accumulation averages), on the unwrapped
+        model: no DDP gradient synchronisation, so under multi-GPU it is this rank's share. For callbacks
+        that need a loss closure (``DeltaDiagnostics.after_step(loss_fn=...)``).
+        """
+        if not self.step_batches:
+            raise RuntimeError("Trainer.step_loss: no micro-batch recorded for the current step")
+        model = self.unwrapped_model()
+        return sum(model(**batch).loss for batch in self.step_batches) / len(self.step_batches)
+
     # -- the loop -------------------------------------------------------------------------------------------
 
     def _epoch_loader(self, epoch: int) -> Any:
@@ -315,6 +327,7 @@ class Trainer:
         window_loss, window_batches = 0.0, 0
         step_loss = torch.zeros((), device=acc.device)
         micro = 0
+        self.step_batches = []
         self.model.train()
         while self.state.step < self.total_steps:
             epoch_start = time.perf_counter()
@@ -322,6 +335,7 @@ class Trainer:
                 with acc.accumulate(self.model):
                     loss = self.model(**batch).loss
                     acc.backward(loss)
+                self.step_batches.append(batch)
                 step_loss += loss.detach().float()
                 micro += 1
                 self.state.batch_in_epoch += 1
@@ -340,6 +354,7 @@ class Trainer:
                 self._call("after_step", self.state.step)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.step_batches = []
                 self.state.step += 1
                 window_loss += mean_loss
                 window_batches += 1
