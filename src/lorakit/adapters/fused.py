@@ -6,28 +6,31 @@ out); what costs time in an unfused implementation (PEFT's) is memory traffic ov
 activations: the LoRA path re-reads ``x``, writes a T×out product, scales it, adds it to the base output,
 and in the backward pass reads ``dY`` twice more and re-writes ``dX``.
 
-Gradients (``xd = dropout(x)``, ``G = dY``, ``u = xd Aᵀ`` of shape T×r):
+Gradients (``xd = dropout(x)``, ``G = dY``, ``u = s · xd Aᵀ`` of shape T×r):
 
     dX = G W0 + s · (G B) A ⊙ mask / (1 − p)
-    dA = s · (G B)ᵀ xd
-    dB = s · Gᵀ u
+    dA = (G · sB)ᵀ xd
+    dB = Gᵀ u
 
 Two strategies compute exactly this function; ``lora_linear`` picks the one that moves fewer bytes:
 
-* ``"merged"`` (no dropout, many tokens): build ``W = W0 + s · B A`` in the activation dtype with one
-  rank-r ``addmm`` (reads and writes out×in once) and run the base GEMM on it, forward ``y = x Wᵀ + b``
+* ``"merged"`` (no dropout, many tokens): build ``W = W0 + s · B A`` in the activation dtype (one Triton
+  kernel on CUDA that also emits ``s·A`` and ``s·B`` cast for the rank-r GEMMs; a rank-r ``addmm``
+  elsewhere; either reads and writes out×in once) and run the base GEMM on it, forward ``y = x Wᵀ + b``
   and backward ``dX = G W``. The LoRA term rides inside the base GEMM's fp32 accumulation: no extra pass
   over any T×out or T×in activation. ``W`` is rebuilt in backward instead of saved (saving it would
   cost a copy of every adapted weight in memory). Rounding ``W0 + ΔW`` once to bf16 perturbs the output
   by about one bf16 ulp of ``|y|``, the same order as rounding the base output and the LoRA term
   separately as the unfused path does.
-* ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, (sB)ᵀ)``
+* ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, Bᵀ)``
   accumulated in place; in backward ``dX = G W0`` then ``dX.addmm_(G B, A)`` in place.
 
-Both save ``x`` only when ``A`` is trainable and ``u = x Aᵀ`` (T×r) only when ``B`` is trainable, compute
-``dA``/``dB`` only for trainable factors, keep ``A``/``B`` as float32 masters and cast only these r-sized
-factors to ``x``'s dtype (never ``x`` up). Everything is plain torch ops, so ``torch.compile`` traces the
-Function without graph breaks. :func:`reference_lora_linear` is the unfused math, used as the reference.
+Both save ``x`` only when ``A`` is trainable and ``u`` (T×r) only when ``B`` is trainable, compute
+``dA``/``dB`` only for trainable factors (on CUDA the GEMM writes them in float32 directly), keep ``A``/``B``
+as float32 masters and cast only these r-sized factors to ``x``'s dtype (never ``x`` up). The output is
+returned as a non-view tensor, so in-place ops after the layer work. Everything is torch ops or the
+registered Triton op, so ``torch.compile`` traces the Function without graph breaks.
+:func:`reference_lora_linear` is the unfused math, used as the reference.
 """
 
 from __future__ import annotations
