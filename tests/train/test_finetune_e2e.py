@@ -150,10 +150,13 @@ def test_resume_is_exact_and_divergence_keeps_last_checkpoint(tiny_model, sentim
             if step == 5:
                 raise KeyboardInterrupt
 
+    # Run b also records diagnostics (measuring must not change training) every 2 steps.
     with pytest.raises(KeyboardInterrupt):
-        finetune(_config(tiny_model, sentiment_files, tmp_path / "b"), callbacks=[Crash()])
+        finetune(
+            _config(tiny_model, sentiment_files, tmp_path / "b", diagnostics_every=2), callbacks=[Crash()]
+        )
     assert RunFolder(tmp_path / "b").latest_checkpoint().name == "step-0000004"
-    resumed = finetune(_config(tiny_model, sentiment_files, tmp_path / "b", resume=True))
+    resumed = finetune(_config(tiny_model, sentiment_files, tmp_path / "b", resume=True, diagnostics_every=2))
     assert resumed.steps == 8
     a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -162,6 +165,8 @@ def test_resume_is_exact_and_divergence_keeps_last_checkpoint(tiny_model, sentim
     assert resumed.final_metrics == pytest.approx(straight.final_metrics)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(8) == 2  # no duplicate records after the resume
+    lines = (tmp_path / "b" / "diagnostics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 2, 4, 6]  # kept from before the crash, then resumed
 
     class Poison:
         def after_step(self, step):

@@ -164,7 +164,37 @@ def _is_embedding(layer: nn.Module) -> bool:
 
 def rms(tensor: torch.Tensor) -> float:
     """Root mean square of all entries (0.0 for an empty tensor)."""
-    return float(tensor.float().pow(2).mean().sqrt()) if tensor.numel() else 0.0
+    return float(_rms(tensor))
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.numel():
+        return tensor.new_zeros((), dtype=torch.float32)
+    return tensor.float().pow(2).mean().sqrt()
+
+
+def _delta_tensor(
+    x: torch.Tensor,
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_new: torch.Tensor,
+    b_new: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """(3,) tensor of RMS δ¹, δ², δ³ on the factors' device (no host synchronisation)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    a_prev, b_prev = a_prev.float(), b_prev.float()
+    d_a = a_new.float() - a_prev
+    d_b = b_new.float() - b_prev
+    z_prev = x @ a_prev.T
+    z_delta = x @ d_a.T
+    return torch.stack(
+        [
+            _rms(scaling * z_delta @ b_prev.T),
+            _rms(scaling * z_prev @ d_b.T),
+            _rms(scaling * z_delta @ d_b.T),
+        ]
+    )
 
 
 def delta_terms(
@@ -176,22 +206,17 @@ def delta_terms(
     scaling: float = 1.0,
 ) -> tuple[float, float, float]:
     """RMS of δ¹ = s·B_prev ΔA x, δ² = s·ΔB A_prev x, δ³ = s·ΔB ΔA x for rows x (…, in_features)."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    a_prev, b_prev = a_prev.float(), b_prev.float()
-    d_a = a_new.float() - a_prev
-    d_b = b_new.float() - b_prev
-    z_prev = x @ a_prev.T
-    z_delta = x @ d_a.T
-    return (
-        rms(scaling * z_delta @ b_prev.T),
-        rms(scaling * z_prev @ d_b.T),
-        rms(scaling * z_delta @ d_b.T),
-    )
+    d1, d2, d3 = _delta_tensor(x, a_prev, b_prev, a_new, b_new, scaling).tolist()
+    return d1, d2, d3
+
+
+def _first_order_tensor(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    return (grad.double() * (after.double() - before.double())).sum()
 
 
 def first_order_loss_term(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
     """``⟨∇L, Δθ⟩`` of one factor: ⟨dZ̄, δ¹⟩ for A, ⟨dZ̄, δ²⟩ for B (module docstring; float64 sum)."""
-    return float((grad.double() * (after.double() - before.double())).sum())
+    return float(_first_order_tensor(grad, before, after))
 
 
 def _gradients_at(
@@ -347,6 +372,14 @@ class DeltaDiagnostics:
                 tracked.x = None
         self.step = int(step)
 
+    def resume(self, step: int) -> None:
+        """Continue a run at ``step`` (e.g. from a checkpoint): keep the records of ``run_dir``'s file that
+        were measured before ``step`` (later ones are re-measured) and set the step counter."""
+        self.begin_step(step)
+        path = None if self.run_dir is None else self.run_dir / DIAGNOSTICS_FILE
+        if path is not None and path.is_file():
+            self.records = [record for _, record in read_jsonl(path) if record.get("step", 0) < step]
+
     def before_step(self) -> None:
         """Call right before ``optimizer.step()``: snapshots A, B and their gradients on measured steps."""
         if not self.armed:
@@ -419,23 +452,27 @@ class DeltaDiagnostics:
     ) -> dict[str, Any] | None:
         layers: dict[str, dict[str, float | None]] = {}
         lrs = self._learning_rates()
+        measured = []  # (name, layer, δ tensor (3,), [loss term tensor or None] × 2)
         for tracked in self._tracked:
             if tracked.x is None or tracked.snapshot is None:
                 continue
             layer = tracked.layer
             a_prev, b_prev = tracked.snapshot
+            a_new, b_new = _factor(layer, "lora_A"), _factor(layer, "lora_B")
             x = tracked.x.to(a_prev.device)
-            d1, d2, d3 = delta_terms(
-                x, a_prev, b_prev, _factor(layer, "lora_A"), _factor(layer, "lora_B"), float(layer.scaling)
-            )
-            lr_a, lr_b = lrs.get(id(layer.lora_A)), lrs.get(id(layer.lora_B))
-            loss1, loss2 = (
-                None if grad is None else first_order_loss_term(grad, prev, _factor(layer, name))
-                for grad, prev, name in zip(
-                    tracked.grads, (a_prev, b_prev), ("lora_A", "lora_B"), strict=True
-                )
-            )
-            layers[tracked.name] = {
+            deltas = _delta_tensor(x, a_prev, b_prev, a_new, b_new, float(layer.scaling))
+            loss = [
+                None if grad is None else _first_order_tensor(grad, prev, new)
+                for grad, prev, new in zip(tracked.grads, (a_prev, b_prev), (a_new, b_new), strict=True)
+            ]
+            measured.append((tracked.name, layer, deltas, loss))
+        # One device-to-host copy for all layers: a float() per value would synchronise each time.
+        delta_values = torch.stack([m[2] for m in measured]).tolist() if measured else []
+        loss_tensors = [t.to(m[2].device) for m in measured for t in m[3] if t is not None]
+        loss_values = iter(torch.stack(loss_tensors).tolist() if loss_tensors else [])
+        for (name, layer, _, loss), (d1, d2, d3) in zip(measured, delta_values, strict=True):
+            loss1, loss2 = (None if t is None else next(loss_values) for t in loss)
+            layers[name] = {
                 "delta1": d1,
                 "delta2": d2,
                 "delta3": d3,
@@ -445,10 +482,10 @@ class DeltaDiagnostics:
                 **(
                     {}
                     if curvature is None
-                    else dict(zip(("curv1", "curv2"), curvature.get(tracked.name, (None, None)), strict=True))
+                    else dict(zip(("curv1", "curv2"), curvature.get(name, (None, None)), strict=True))
                 ),
-                "lr_A": lr_a,
-                "lr_B": lr_b,
+                "lr_A": lrs.get(id(layer.lora_A)),
+                "lr_B": lrs.get(id(layer.lora_B)),
             }
         if not layers:
             logger.debug("diagnostics: step %d armed but no layer input was captured", self.step)

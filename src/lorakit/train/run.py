@@ -507,7 +507,7 @@ def finetune(
         run.load_records(trainer.state.step)
         for callback in trainer.callbacks:
             if isinstance(callback, DiagnosticsCallback):
-                callback.diagnostics.begin_step(trainer.state.step)
+                callback.diagnostics.resume(trainer.state.step)
         logger.info("resumed %s from %s (step %d)", run.path, checkpoint, trainer.state.step)
     logger.info("%s on %s: %s; %s", config.method.name, task.name, counts, run.path)
     status, error = "finished", None
