@@ -464,13 +464,23 @@ def _measure(
 
 
 def _suggestions(records: list[dict[str, Any]], max_step: int | None) -> dict[str, Any]:
-    """Pooled (median over seeds and steps) and per-seed λ for every criterion, steps 1..max_step."""
+    """Pooled (median over seeds and steps) and per-seed λ for every criterion, steps 1..max_step.
+
+    ``ratio`` uses every step; ``ratio_default_skip`` drops the first 10% of them, as ``suggest_ratio``
+    and ``lorakit diagnose`` do by default (the early transient moves the median).
+    """
     from lorakit.analysis.diagnostics import CRITERIA, suggest_ratio
 
     out = {}
     for criterion in CRITERIA:
         got = suggest_ratio(records, skip_fraction=0.0, criterion=criterion, max_step=max_step)
-        out[criterion] = {"ratio": got.ratio, "per_seed": got.per_layer, "samples": got.samples}
+        skipped = suggest_ratio(records, criterion=criterion, max_step=max_step)
+        out[criterion] = {
+            "ratio": got.ratio,
+            "ratio_default_skip": skipped.ratio,
+            "per_seed": got.per_layer,
+            "samples": got.samples,
+        }
     return out
 
 
