@@ -615,6 +615,14 @@ def _balanced(layer: dict[str, Any], criterion: str, current: float) -> float | 
     return s1 / s2 if s1 > 0 and s2 > 0 else None
 
 
+def has_fields(records: Iterable[dict[str, Any]], criterion: str) -> bool:
+    """Whether any (step, layer) entry of ``records`` holds every field ``criterion`` needs."""
+    fields = CRITERION_FIELDS[criterion]
+    return any(
+        all(key in layer for key in fields) for record in records for layer in record["layers"].values()
+    )
+
+
 def _records_iter(records: Iterable[dict[str, Any]] | str | os.PathLike) -> list[dict[str, Any]]:
     if isinstance(records, (str, os.PathLike)):
         return read_diagnostics(records)
@@ -656,13 +664,10 @@ def suggest_ratio(
     items = sorted((r for r in _records_iter(records) if 0 < r["step"] <= last), key=lambda r: r["step"])
     items = items[int(len(items) * skip_fraction) :]
     fields = CRITERION_FIELDS[criterion]
-    lacking = [
-        (record["step"], name, [key for key in fields if key not in layer])
-        for record in items
-        for name, layer in record["layers"].items()
-    ]
-    if lacking and all(missing for _, _, missing in lacking):
-        step, name, missing = lacking[0]
+    entries = [(record["step"], name, layer) for record in items for name, layer in record["layers"].items()]
+    if entries and not has_fields(items, criterion):
+        step, name, layer = entries[0]
+        missing = [key for key in fields if key not in layer]
         raise ValueError(
             f"lorakit.analysis.diagnostics: criterion {criterion!r} needs the fields {list(fields)}; the "
             f"records lack {missing} (e.g. step {step}, layer {name!r}): {_HOW_TO_MEASURE[criterion]}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from lorakit.analysis.diagnostics import (
     CRITERIA,
-    CRITERION_FIELDS,
+    has_fields,
     iter_layer_series,
     read_diagnostics,
     suggest_ratio,
@@ -143,12 +143,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         )
     criterion = getattr(args, "criterion", "loss")
     for name in sorted(CRITERIA, key=lambda c: c != criterion):
-        recorded = any(
-            all(key in layer for key in CRITERION_FIELDS[name])
-            for record in records
-            for layer in record["layers"].values()
-        )
-        if name != criterion and not recorded:
+        if name != criterion and not has_fields(records, name):
             continue
         try:
             suggestion = suggest_ratio(

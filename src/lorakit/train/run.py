@@ -125,6 +125,11 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"FinetuneConfig.{name}: expected a positive integer or None, got {value!r}")
+        if self.diagnostics_curvature and not self.diagnostics_every:
+            raise ValueError(
+                "FinetuneConfig.diagnostics_curvature: --diagnostics-curvature needs --diagnostics-every K "
+                "(the steps it measures)"
+            )
         if not self.epochs > 0:
             raise ValueError(f"FinetuneConfig.epochs: expected a positive number, got {self.epochs!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -485,8 +490,6 @@ def finetune(
         hooks=run,
         callbacks=callbacks,
     )
-    if config.diagnostics_curvature and not config.diagnostics_every:
-        raise ValueError("--diagnostics-curvature needs --diagnostics-every K (the steps it measures)")
     if config.diagnostics_every:
         if not config.method.uses_adapters:
             raise ValueError(

@@ -231,6 +231,7 @@ class Trainer:
         self.higher_is_better = self.main_metric not in ("loss", "perplexity")
         self.hooks = hooks
         self.callbacks = list(callbacks)
+        self.step_batches: list[dict[str, Any]] = []  # the micro-batches of the optimizer step in progress
         self.train_features = train_features
         self.collate = collate
         self.trainable = [p for p in model.parameters() if p.requires_grad]
