@@ -37,13 +37,16 @@ from lorakit.utils import atomic_write, atomic_write_json
 LOG = logging.getLogger("throughput")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
-# Diagnostics: lorakit layers with kernel="reference"; the fused path with torch.addmm instead of Triton.
-EXTRA_VARIANTS = ["lorakit-reference", "lorakit-notriton"]
+# Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton; the
+# fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs).
+EXTRA_VARIANTS = ["lorakit-reference", "lorakit-notriton", "lorakit-mergeonly"]
+TRITON_KERNELS = {"lorakit-notriton": frozenset(), "lorakit-mergeonly": frozenset({"merge"})}
 PEER = {
     "lorakit": "peft-bf16",
     "lorakit-frozenA": "peft-bf16-frozenA",
     "lorakit-reference": "peft-bf16",
     "lorakit-notriton": "peft-bf16",
+    "lorakit-mergeonly": "peft-bf16",
 }
 TARGET_VS_NONE = {"lorakit": 0.95, "lorakit-frozenA": 0.97}
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
@@ -288,7 +291,7 @@ def measure(
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
-    fused.USE_TRITON = variant != "lorakit-notriton"
+    fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)
     ids = torch.randint(
@@ -595,9 +598,13 @@ def main(argv: list[str] | None = None) -> int:
             LOG.error(
                 "REFUSING to time lorakit: fused outputs/gradients disagree with the reference (see check)"
             )
+    compiled_ok = True  # the compiled path has its own kernel (the one-pass G/dB), checked here when asked
     if args.compile_check and lorakit_ok:
         report["compile_check"] = compile_check(device)
         LOG.info("compile check: %s", report["compile_check"])
+        compiled_ok = report["compile_check"]["ok"]
+        if not compiled_ok:
+            LOG.error("REFUSING to time compiled lorakit: compiled block disagrees with eager (see check)")
     atomic_write_json(out, report)
     variants = [v for v in args.variants.split(",") if v]
     variants = [v for v in variants if lorakit_ok or not v.startswith("lorakit")]
@@ -608,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         LOG.info("micro\n%s", micro_table(report["micro"]))
     for mode in [m for m in args.modes.split(",") if m]:
         for variant in variants:
+            if mode == "compile" and variant.startswith("lorakit") and not compiled_ok:
+                continue
             prof = (
                 profile_path
                 if (mode == "eager" and variant in ("no-adapter", "peft-bf16", "lorakit"))

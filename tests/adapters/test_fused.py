@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorakit.adapters import fused
 from lorakit.adapters.fused import dropout_mask, lora_linear, reference_lora_linear
 
 IN, OUT, R = 12, 10, 4
@@ -206,3 +207,22 @@ def test_fused_under_bf16_autocast_matches_reference(strategy):
         outputs[name] = (y.float(), x.grad.clone(), a.grad.clone(), b.grad.clone())
     for got, want in zip(outputs["fused"], outputs["reference"], strict=True):
         assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", {"merge", "grad"}),
+        ("", {"merge", "grad"}),
+        ("0", set()),
+        ("merge", {"merge"}),
+        (" grad, merge", {"merge", "grad"}),
+    ],
+)
+def test_lorakit_triton_env_selects_kernels(value, expected):
+    assert fused._triton_kernels_from_env(value) == expected
+
+
+def test_lorakit_triton_env_rejects_unknown_kernel_names():
+    with pytest.raises(ValueError, match=r"LORAKIT_TRITON='mrege'.*unknown kernel.*mrege.*merge"):
+        fused._triton_kernels_from_env("mrege")

@@ -26,7 +26,8 @@ Two strategies compute exactly this function; ``lora_linear`` picks the one that
   accumulated in place; in backward ``dX = G W0`` then ``dX.addmm_(G B, A)`` in place.
 
 Both save ``x`` only when ``A`` is trainable and ``u`` (T×r) only when ``B`` is trainable, compute
-``dA``/``dB`` only for trainable factors (on CUDA the GEMM writes them in float32 directly), keep ``A``/``B``
+``dA``/``dB`` only for trainable factors (on CUDA the GEMM writes them in float32 directly; under
+``torch.compile`` with Triton one kernel reads ``G`` once for both ``G · sB`` and ``dB``), keep ``A``/``B``
 as float32 masters and cast only these r-sized factors to ``x``'s dtype (never ``x`` up). The output is
 returned as a non-view tensor, so in-place ops after the layer work. Everything is torch ops or the
 registered Triton op, so ``torch.compile`` traces the Function without graph breaks.
@@ -42,8 +43,26 @@ import torch.nn.functional as F
 
 from lorakit.adapters import triton_lora
 
-# Set LORAKIT_TRITON=0 (or this flag to False) to use torch.addmm for the merged weight on CUDA too.
-USE_TRITON = os.environ.get("LORAKIT_TRITON", "1") != "0"
+TRITON_KERNEL_NAMES = ("merge", "grad")
+
+
+def _triton_kernels_from_env(value: str) -> frozenset[str]:
+    """``LORAKIT_TRITON``: "1" (default, every kernel), "0" (none: torch ops), or names, e.g. "merge"."""
+    if value.strip() in ("1", ""):
+        return frozenset(TRITON_KERNEL_NAMES)
+    names = frozenset(n.strip() for n in value.split(",") if n.strip() and n.strip() != "0")
+    unknown = names - set(TRITON_KERNEL_NAMES)
+    if unknown:
+        raise ValueError(
+            f"LORAKIT_TRITON={value!r}: unknown kernel(s) {sorted(unknown)}; "
+            f"expected 1, 0 or a comma list of {TRITON_KERNEL_NAMES}"
+        )
+    return names
+
+
+#: Triton kernels the fused path may use on CUDA: "merge" (the merged weight) and "grad" (G and dB from
+#: one read of dY). Set from ``LORAKIT_TRITON``; assign a set here to change it in-process.
+TRITON_KERNELS = _triton_kernels_from_env(os.environ.get("LORAKIT_TRITON", "1"))
 STRATEGIES = ("auto", "merged", "addmm")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
@@ -84,6 +103,21 @@ def _check_shapes(
     return in_f, out_f
 
 
+def _use_triton(kernel: str, t: torch.Tensor) -> bool:
+    return kernel in TRITON_KERNELS and triton_lora.AVAILABLE and t.is_cuda
+
+
+def _use_grad_pass(g: torch.Tensor) -> bool:
+    """The one-pass G/dB kernel, only under ``torch.compile``: it saves GPU time (1.7–2× faster than the
+    two cuBLAS GEMMs) but its Python launch costs more CPU than they do, and eager LoRA steps are bound by
+    CPU launch time (eager: 55.2k vs 58.3k tok/s with it off, benchmarks/RESULTS.md)."""
+    return (
+        g.dtype in (torch.bfloat16, torch.float16)
+        and _use_triton("grad", g)
+        and torch.compiler.is_compiling()
+    )
+
+
 def _merge(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, transposed: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +126,7 @@ def _merge(
     On CUDA with Triton: one kernel over the float32 masters (:mod:`lorakit.adapters.triton_lora`) that
     reads and writes the weight once and also emits the two cast, scaled factors; otherwise torch ops.
     """
-    if USE_TRITON and triton_lora.AVAILABLE and weight.is_cuda:
+    if _use_triton("merge", weight):
         if transposed:
             merged, a_t, b_t = triton_lora.merge_lora_weight(weight, lora_A.t(), lora_B.t(), scaling)
             return merged, a_t.t(), b_t.t()
@@ -208,7 +242,14 @@ class _LoraLinearFunction(torch.autograd.Function):
             dx = _input_grad(g, merged_weight, transposed)
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
-        gb = g @ b_s if (train_a or (need_dx and not merged)) else None  # G (sB), T×r
+        gb = None  # G (sB), T×r
+        if train_a or (need_dx and not merged):
+            if train_b and _use_grad_pass(g):
+                gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
+                if d_b.dtype != lora_B.dtype:
+                    d_b = d_b.to(lora_B.dtype)
+            else:
+                gb = g @ b_s
         if need_dx and not merged:
             dx = _input_grad(g, weight, transposed)
             if mask2 is None:
@@ -220,7 +261,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         if train_a:
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
             d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
-        if train_b:
+        if train_b and d_b is None:
             d_b = _matmul_as(g.t(), u, lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None, None, None, None, None, None, None
 

@@ -1,14 +1,16 @@
-"""GPU-only Triton kernel for the fused LoRA path: the merged weight ``W0 + s · L R`` in one pass.
+"""GPU-only Triton kernels for the fused LoRA path (:mod:`lorakit.adapters.fused`).
 
-The ``"merged"`` strategy of :mod:`lorakit.adapters.fused` rebuilds ``W = W0 + s · B A`` (Hu et al. 2021's
-``ΔW = s · B A``) once in forward and once in backward. cuBLAS runs that rank-r ``addmm`` at about 40% of
-memory bandwidth and needs the factors cast to bf16 first (extra launches); this kernel reads ``W0`` once,
-the float32 masters ``A``/``B`` directly (the product is formed in float32, then added and rounded once),
-and writes ``W`` once.
+* :func:`merge_lora_weight`: the merged weight ``W0 + s · L R`` in one pass. The ``"merged"`` strategy
+  rebuilds ``W = W0 + s · B A`` (Hu et al. 2021's ``ΔW = s · B A``) once in forward and once in backward.
+  cuBLAS runs that rank-r ``addmm`` at about 40% of memory bandwidth and needs the factors cast to bf16
+  first (extra launches); this kernel reads ``W0`` once, the float32 masters ``A``/``B`` directly (the
+  product is formed in float32, then added and rounded once), and writes ``W`` once.
+* :func:`lora_grad_pass`: the backward's ``G = dY · sB`` and ``dB = dYᵀ · u`` from one read of ``dY``
+  (cuBLAS reads it once per GEMM).
 
-Importing this module never fails: without Triton (or without CUDA) :data:`AVAILABLE` is False and
-:func:`merge_lora_weight` is None, and callers fall back to torch ops. The kernel is registered with
-``torch.library.triton_op`` so ``torch.compile`` traces it without a graph break.
+Importing this module never fails: without Triton (or without CUDA) :data:`AVAILABLE` is False and the
+functions are None, and callers fall back to torch ops. The kernels are registered with
+``torch.library.triton_op`` so ``torch.compile`` traces them without a graph break.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ except ImportError:  # CPU-only installs: the fused path uses torch.addmm instea
 
 AVAILABLE = False
 merge_lora_weight = None
+lora_grad_pass = None
 
 if triton is not None:
 
@@ -76,16 +79,74 @@ if triton is not None:
                 mask=k_ok[:, None] & n_ok[None, :],
             )
 
+    @triton.jit
+    def _rows_kernel(
+        a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr,
+        M, N, R,
+        s_am, s_an, s_rn, s_rk, s_um, s_uk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
+    ):  # fmt: skip
+        """One pass over ``a`` (M×N, read once): ``rows = a @ right`` (M×R) and ``cols += aᵀ @ u`` (N×R).
+
+        Each program owns BLOCK_M rows and walks all N columns: ``rows`` is reduced in registers and
+        stored once in rows' dtype; ``cols`` (float32, zero-initialised) gets one atomic add per row block.
+        """
+        pid = tl.program_id(0)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        k_ok = rk < R
+        if HAS_COLS:
+            u = tl.load(
+                u_ptr + rm[:, None] * s_um + rk[None, :] * s_uk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            a = tl.load(
+                a_ptr + rm[:, None] * s_am + rn[None, :] * s_an, mask=m_ok[:, None] & n_ok[None, :], other=0.0
+            )
+            if HAS_ROWS:
+                right = tl.load(
+                    right_ptr + rn[:, None] * s_rn + rk[None, :] * s_rk,
+                    mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(a, right)
+            if HAS_COLS:
+                part = tl.dot(tl.trans(a), u)
+                tl.atomic_add(
+                    cols_ptr + rn[:, None] * R + rk[None, :],
+                    part,
+                    mask=n_ok[:, None] & k_ok[None, :],
+                    sem="relaxed",
+                )
+        if HAS_ROWS:
+            tl.store(
+                rows_ptr + rm[:, None] * R + rk[None, :],
+                acc.to(rows_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & k_ok[None, :],
+            )
+
     def _launch(
-        kernel, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float
+        kernel,
+        weight: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        scaling: float,
+        config: tuple[int, int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Launch the merge kernel; ``config`` = (BLOCK_M, BLOCK_N, warps) overrides the default."""
         M, N = weight.shape
         R = left.shape[1]
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         left_out = torch.empty((M, R), dtype=weight.dtype, device=weight.device)
         right_out = torch.empty((R, N), dtype=weight.dtype, device=weight.device)
         block_r = max(16, triton.next_power_of_2(R))
-        block_m, block_n = (64, 128) if block_r <= 32 else (32, 128)
+        # (32, 128, 4): the fastest or within 10% of it at every shape of benchmarks/rank_r_kernels.py (H100)
+        block_m, block_n, warps = config or (32, 128, 4)
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
         kernel[grid](
             weight, left, right, out, left_out, right_out, M, N, R, scaling,
@@ -94,9 +155,37 @@ if triton is not None:
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             # tf32 rounds the rank-r product to ~1e-3 of ΔW, far below a bf16/fp16 ulp of W; fp32 weights
             # keep full precision.
-            IEEE=weight.dtype == torch.float32, num_warps=4,
+            IEEE=weight.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
         return out, left_out, right_out
+
+    def rows_pass(
+        a: torch.Tensor,
+        right: torch.Tensor | None,
+        u: torch.Tensor | None,
+        block_m: int = 64,
+        block_n: int = 128,
+        num_warps: int = 4,
+        num_stages: int = 3,
+        kernel=None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(a @ right, aᵀ @ u)`` from one read of ``a`` (M×N); either side may be skipped (None).
+
+        ``a @ right`` (M×R) comes back in a's dtype, ``aᵀ @ u`` (N×R) in float32.
+        """
+        M, N = a.shape
+        R = (right if right is not None else u).shape[1]
+        rows = torch.empty((M, R), dtype=a.dtype, device=a.device) if right is not None else None
+        cols = torch.zeros((N, R), dtype=torch.float32, device=a.device) if u is not None else None
+        r_ = right if right is not None else a
+        u_ = u if u is not None else a
+        (kernel or _rows_kernel)[(triton.cdiv(M, block_m),)](
+            a, r_, u_, rows if rows is not None else a, cols if cols is not None else a, M, N, R,
+            a.stride(0), a.stride(1), r_.stride(0), r_.stride(1), u_.stride(0), u_.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
+            HAS_ROWS=right is not None, HAS_COLS=u is not None, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return rows, cols
 
     @triton_op("lorakit::merge_lora_weight", mutates_args={})
     def _merge_op(
@@ -118,5 +207,27 @@ if triton is not None:
             return _merge_op(weight, left, right, scaling)
         return _launch(_merge_kernel, weight, left, right, scaling)
 
+    def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, warps, stages): the fastest of a grid on an H100 (rank_r_kernels.py)."""
+        return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
+
+    @triton_op("lorakit::lora_grad_pass", mutates_args={})
+    def _grad_pass_op(
+        g: torch.Tensor, b_s: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1]), kernel=wrap_triton(_rows_kernel))
+
+    def _lora_grad_pass(
+        g: torch.Tensor, b_s: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G = dY · sB, dB = dYᵀ · u)`` from one read of dY (T×out): G (T×r) in dY's dtype, dB (out×r)
+        in float32. cuBLAS needs two passes over dY for these; this kernel measured 1.7–2× faster for the
+        pair on an H100 (out = 2048–8192, T = 8192, r = 16). Registered op under ``torch.compile``, a direct
+        launch in eager (as :func:`merge_lora_weight`)."""
+        if torch.compiler.is_compiling():
+            return _grad_pass_op(g, b_s, u)
+        return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1]))
+
     merge_lora_weight = _merge_lora_weight
+    lora_grad_pass = _lora_grad_pass
     AVAILABLE = True
