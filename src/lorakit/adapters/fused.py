@@ -108,7 +108,7 @@ def _use_triton(kernel: str, t: torch.Tensor) -> bool:
 
 
 def _use_grad_pass(g: torch.Tensor) -> bool:
-    """The one-pass G/dB kernel, only under ``torch.compile``: it saves GPU time (1.7–2× faster than the
+    """The one-pass G/dB kernel, only under ``torch.compile``: it saves GPU time (1.8× faster than the
     two cuBLAS GEMMs) but its Python launch costs more CPU than they do, and eager LoRA steps are bound by
     CPU launch time (eager: 55.2k vs 58.3k tok/s with it off, benchmarks/RESULTS.md)."""
     return (
