@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -79,7 +82,8 @@ def read_json(path: str | os.PathLike, missing_hint: str = "") -> Any:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line number, record)`` for every non-blank line of a JSON-lines file.
 
-    A line that is not JSON raises ``ValueError`` naming the file and the line.
+    A line that is not JSON raises ``ValueError`` naming the file and the line, except a torn last line
+    (no newline at its end: a crash while :class:`JsonlLog` appended it), which is skipped with a warning.
     """
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -88,7 +92,57 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as error:
+                if not line.endswith("\n"):
+                    logger.warning(
+                        "%s, line %d: skipping a torn last line (an interrupted write)", path, number
+                    )
+                    return
                 raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from error
+
+
+class JsonlLog:
+    """Records kept in memory and in a JSON-lines file that grows by appending.
+
+    The first write after construction or :meth:`load` rewrites the file atomically with every record
+    held, so a fresh run replaces a stale file and a resumed run drops the records measured after its
+    checkpoint. Each later record is appended as one line, flushed and fsynced. A long run therefore costs
+    one line of I/O per record, not a rewrite of the whole file each time. A crash mid-append leaves the
+    earlier lines intact and at most a torn last line, which :func:`read_jsonl` skips. ``path=None`` keeps
+    the records in memory only.
+    """
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.records: list[dict[str, Any]] = []
+        self._synced = False  # whether the file holds exactly self.records (appending is safe)
+
+    def load(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Hold the file's records that ``keep`` accepts (none if there is no file); written on next add."""
+        if self.path is not None and self.path.is_file():
+            self.records = [record for _, record in read_jsonl(self.path) if keep(record)]
+        self._synced = False
+
+    def add(self, record: dict[str, Any], write: bool = True) -> None:
+        """Hold ``record`` and, with ``write``, put it in the file (rewrite first, append after)."""
+        self.records.append(record)
+        if write and self.path is not None:
+            if self._synced:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record, default=_json_default) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                self.rewrite()
+
+    def rewrite(self) -> Path:
+        """Write every record held, atomically (temporary file, then rename)."""
+        if self.path is None:
+            raise ValueError("JsonlLog: no path given; the records are kept in memory only")
+        with atomic_write(self.path) as handle:
+            for record in self.records:
+                handle.write(json.dumps(record, default=_json_default) + "\n")
+        self._synced = True
+        return self.path
 
 
 def _json_default(value: Any) -> Any:

@@ -125,7 +125,6 @@ On the LoRA+ toy under GD none of the four criteria lands in the near-best λ ba
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -138,7 +137,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.utils import atomic_write, read_jsonl
+from lorakit.utils import JsonlLog, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +309,7 @@ class DeltaDiagnostics:
         self.curvature_eps = curvature_eps
         self.optimizer = optimizer
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.records: list[dict[str, Any]] = []
+        self._log = JsonlLog(None if self.run_dir is None else self.run_dir / DIAGNOSTICS_FILE)
         self.step = 0
         self._tracked: list[_Tracked] = []
         self._recomputing = False
@@ -376,9 +375,7 @@ class DeltaDiagnostics:
         """Continue a run at ``step`` (e.g. from a checkpoint): keep the records of ``run_dir``'s file that
         were measured before ``step`` (later ones are re-measured) and set the step counter."""
         self.begin_step(step)
-        path = None if self.run_dir is None else self.run_dir / DIAGNOSTICS_FILE
-        if path is not None and path.is_file():
-            self.records = [record for _, record in read_jsonl(path) if record.get("step", 0) < step]
+        self._log.load(lambda record: record.get("step", 0) < step)
 
     def before_step(self) -> None:
         """Call right before ``optimizer.step()``: snapshots A, B and their gradients on measured steps."""
@@ -401,9 +398,7 @@ class DeltaDiagnostics:
             curvature = self._curvature(loss_fn) if loss_fn is not None else None
             record = self._measure(curvature)
             if record is not None:
-                self.records.append(record)
-                if self.run_dir is not None:
-                    self.write()
+                self._log.add(record)
         for tracked in self._tracked:
             tracked.x = None
             tracked.snapshot = None
@@ -502,15 +497,17 @@ class DeltaDiagnostics:
             return {}
         return {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
 
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records measured so far (those of ``<run_dir>/diagnostics.jsonl`` when there is a run_dir)."""
+        return self._log.records
+
     def write(self) -> Path:
-        """Rewrite ``<run_dir>/diagnostics.jsonl`` atomically with all records so far."""
+        """Rewrite ``<run_dir>/diagnostics.jsonl`` atomically with all records so far (``after_step``
+        already appends each record as it is measured)."""
         if self.run_dir is None:
             raise ValueError("lorakit.analysis.diagnostics: no run_dir given; nothing to write to")
-        path = self.run_dir / DIAGNOSTICS_FILE
-        with atomic_write(path) as handle:
-            for record in self.records:
-                handle.write(json.dumps(record) + "\n")
-        return path
+        return self._log.rewrite()
 
 
 def read_diagnostics(path: str | os.PathLike) -> list[dict[str, Any]]:

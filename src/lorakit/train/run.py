@@ -10,15 +10,16 @@ Run folder layout::
     RUN/adapter/            the final adapter in PEFT format (full/head: trainable.safetensors + config)
     RUN/summary.json        best/final metrics, train samples/s, peak memory, trainable params, wall time
 
-Every file is written through ``lorakit.utils.atomic_write*``; a checkpoint counts only once
-``latest.json`` points at it, so a crash mid-save leaves the previous one as the resume point.
+Every file is written through ``lorakit.utils.atomic_write*``, except that ``metrics.jsonl`` (and
+``diagnostics.jsonl``) grows by appended lines (``lorakit.utils.JsonlLog``: one line of I/O per record; a
+torn last line is skipped on reading). A checkpoint counts only once ``latest.json`` points at it, so a
+crash mid-save leaves the previous one as the resume point.
 Only the main process writes; all processes load on ``resume``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -34,11 +35,11 @@ from torch import nn
 from lorakit.train.data import DataError, Split, TaskData, load_eval_split, load_task
 from lorakit.train.methods import MethodSpec, apply_method, make_method_optimizer
 from lorakit.utils import (
+    JsonlLog,
     atomic_torch_save,
     atomic_write,
     atomic_write_json,
     read_json,
-    read_jsonl,
     seed_everything,
 )
 
@@ -204,7 +205,12 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike, is_main: bool = True) -> None:
         self.path = Path(path)
         self.is_main = is_main
-        self.records: list[dict[str, Any]] = []
+        self._metrics = JsonlLog(self.path / METRICS_FILE)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The metrics records of this run so far (those of ``metrics.jsonl``)."""
+        return self._metrics.records
 
     @property
     def checkpoints(self) -> Path:
@@ -218,19 +224,12 @@ class RunFolder:
         return _read_json(self.path / CONFIG_FILE)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append a record; the whole file is rewritten atomically, so it is never half-written."""
-        self.records.append(record)
-        if self.is_main:
-            with atomic_write(self.path / METRICS_FILE) as handle:
-                for item in self.records:
-                    handle.write(json.dumps(item) + "\n")
+        """Add a metrics record (appended to ``metrics.jsonl`` by the main process; see ``JsonlLog``)."""
+        self._metrics.add(record, write=self.is_main)
 
     def load_records(self, up_to_step: int) -> None:
         """On resume: keep the existing records up to the checkpoint's step."""
-        path = self.path / METRICS_FILE
-        if path.exists():
-            records = [record for _, record in read_jsonl(path)]
-            self.records = [r for r in records if r.get("step", 0) <= up_to_step]
+        self._metrics.load(lambda record: record.get("step", 0) <= up_to_step)
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.checkpoints / "latest.json"
