@@ -87,6 +87,49 @@ def test_deltas_equal_direct_computation() -> None:
     torch.testing.assert_close(change, parts)
 
 
+def test_every_layer_gets_its_own_terms_in_a_mixed_model() -> None:
+    """Layers of different shapes, one with A frozen: the batched first-order sums map back to the right
+    layer and factor (each equals ⟨g, Δθ⟩ of that factor alone)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, targets=["0", "2", "4"], rank_pattern={"4": 1}))
+    layers = list(lorakit.lora_layers(model))
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    model[4].lora_A.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    d = DeltaDiagnostics(model, every=1, optimizer=opt)
+    x = torch.randn(9, 6)
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    before = {
+        name: [
+            (t.detach().clone(), None if t.grad is None else t.grad.clone()) for t in (lay.lora_A, lay.lora_B)
+        ]
+        for name, lay in layers
+    }
+    d.before_step()
+    opt.step()
+    record = d.after_step()
+    assert set(record["layers"]) == {n for n, _ in layers}
+    for name, layer in layers:
+        got = record["layers"][name]
+        for key, (prev, grad), new in zip(
+            ("loss1", "loss2"), before[name], (layer.lora_A, layer.lora_B), strict=True
+        ):
+            if grad is None:
+                assert got[key] is None, (name, key)
+            else:
+                assert got[key] == pytest.approx(
+                    diag.first_order_loss_term(grad, prev, new.detach()), rel=1e-12
+                ), (
+                    name,
+                    key,
+                )
+        assert (got["delta1"] == 0.0) == (name.endswith("4"))
+
+
 def test_delta1_zero_when_a_frozen() -> None:
     model = _model(train="B")
     (name, layer), *_ = lorakit.lora_layers(model)

@@ -180,20 +180,24 @@ def _delta_tensor(
     b_new: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """(3,) tensor of RMS δ¹, δ², δ³ on the factors' device (no host synchronisation)."""
+    """(3,) tensor of RMS δ¹, δ², δ³ on the factors' device (no host synchronisation).
+
+    RMS = ‖·‖_F / √numel, one norm kernel per term; the three terms share numel (rows × out) and s, so one
+    multiply applies both to all three (few kernels: on small GPU models a measurement is launch-bound).
+    """
     x = x.reshape(-1, x.shape[-1]).float()
     a_prev, b_prev = a_prev.float(), b_prev.float()
     d_a = a_new.float() - a_prev
     d_b = b_new.float() - b_prev
     z_prev = x @ a_prev.T
     z_delta = x @ d_a.T
-    return torch.stack(
-        [
-            _rms(scaling * z_delta @ b_prev.T),
-            _rms(scaling * z_prev @ d_b.T),
-            _rms(scaling * z_delta @ d_b.T),
-        ]
+    numel = x.shape[0] * b_prev.shape[0]
+    if not numel:
+        return x.new_zeros(3)
+    norms = torch.stack(
+        [torch.linalg.vector_norm(t) for t in (z_delta @ b_prev.T, z_prev @ d_b.T, z_delta @ d_b.T)]
     )
+    return norms * (abs(scaling) / math.sqrt(numel))
 
 
 def delta_terms(
@@ -211,6 +215,34 @@ def delta_terms(
 
 def _first_order_tensor(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return (grad.double() * (after.double() - before.double())).sum()
+
+
+def _first_order_terms(
+    grads: Sequence[torch.Tensor], befores: Sequence[torch.Tensor], afters: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``[⟨g_i, after_i − before_i⟩]`` (float64) for any number of tensors in a fixed handful of kernels.
+
+    The tensors are flattened into one vector each; the products are summed per tensor with ``index_add_``
+    over segment ids that are cached per layout (building them copies to the device once).
+    """
+    device = grads[0].device
+    sizes = tuple(g.numel() for g in grads)
+    key = (sizes, str(device))
+    ids = _SEGMENT_IDS.get(key)
+    if ids is None:
+        counts = torch.tensor(sizes, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        _SEGMENT_IDS.clear()  # one layout per model: keep only the current one
+        _SEGMENT_IDS[key] = ids
+
+    def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).to(device) for t in tensors]).double()
+
+    products = flat(grads) * (flat(afters) - flat(befores))
+    return torch.zeros(len(sizes), dtype=torch.float64, device=device).index_add_(0, ids, products)
+
+
+_SEGMENT_IDS: dict[tuple, torch.Tensor] = {}
 
 
 def first_order_loss_term(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
@@ -381,10 +413,22 @@ class DeltaDiagnostics:
         """Call right before ``optimizer.step()``: snapshots A, B and their gradients on measured steps."""
         if not self.armed:
             return
+        sources: list[torch.Tensor] = []
+        copies: list[torch.Tensor] = []
+
+        def snapshot(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            sources.append(tensor.detach())
+            copies.append(torch.empty_like(tensor))
+            return copies[-1]
+
         for tracked in self._tracked:
             a, b = _factor(tracked.layer, "lora_A"), _factor(tracked.layer, "lora_B")
-            tracked.snapshot = (a.detach().clone(), b.detach().clone())
-            tracked.grads = tuple(None if t.grad is None else t.grad.detach().clone() for t in (a, b))
+            tracked.snapshot = (snapshot(a), snapshot(b))
+            tracked.grads = (snapshot(a.grad), snapshot(b.grad))
+        if sources:
+            torch._foreach_copy_(copies, sources)  # one multi-tensor kernel instead of one clone each
 
     def after_step(self, loss_fn: Callable[[], torch.Tensor] | None = None) -> dict[str, Any] | None:
         """Call right after ``optimizer.step()``: computes δ terms, records them, advances the counter.
@@ -447,7 +491,8 @@ class DeltaDiagnostics:
     ) -> dict[str, Any] | None:
         layers: dict[str, dict[str, float | None]] = {}
         lrs = self._learning_rates()
-        measured = []  # (name, layer, δ tensor (3,), [loss term tensor or None] × 2)
+        measured = []  # (name, layer, δ tensor (3,), [factor has a gradient] × 2)
+        loss_inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (grad, before, after)
         for tracked in self._tracked:
             if tracked.x is None or tracked.snapshot is None:
                 continue
@@ -456,17 +501,18 @@ class DeltaDiagnostics:
             a_new, b_new = _factor(layer, "lora_A"), _factor(layer, "lora_B")
             x = tracked.x.to(a_prev.device)
             deltas = _delta_tensor(x, a_prev, b_prev, a_new, b_new, float(layer.scaling))
-            loss = [
-                None if grad is None else _first_order_tensor(grad, prev, new)
-                for grad, prev, new in zip(tracked.grads, (a_prev, b_prev), (a_new, b_new), strict=True)
-            ]
-            measured.append((tracked.name, layer, deltas, loss))
-        # One device-to-host copy for all layers: a float() per value would synchronise each time.
+            has_grad = [grad is not None for grad in tracked.grads]
+            for grad, prev, new in zip(tracked.grads, (a_prev, b_prev), (a_new, b_new), strict=True):
+                if grad is not None:
+                    loss_inputs.append((grad, prev, new))
+            measured.append((tracked.name, layer, deltas, has_grad))
+        # One device-to-host copy each for all layers: a float() per value would synchronise each time.
         delta_values = torch.stack([m[2] for m in measured]).tolist() if measured else []
-        loss_tensors = [t.to(m[2].device) for m in measured for t in m[3] if t is not None]
-        loss_values = iter(torch.stack(loss_tensors).tolist() if loss_tensors else [])
-        for (name, layer, _, loss), (d1, d2, d3) in zip(measured, delta_values, strict=True):
-            loss1, loss2 = (None if t is None else next(loss_values) for t in loss)
+        loss_values = iter(
+            _first_order_terms(*zip(*loss_inputs, strict=True)).tolist() if loss_inputs else []
+        )
+        for (name, layer, _, has_grad), (d1, d2, d3) in zip(measured, delta_values, strict=True):
+            loss1, loss2 = (next(loss_values) if has else None for has in has_grad)
             layers[name] = {
                 "delta1": d1,
                 "delta2": d2,
