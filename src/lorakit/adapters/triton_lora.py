@@ -208,7 +208,7 @@ if triton is not None:
         return _launch(_merge_kernel, weight, left, right, scaling)
 
     def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_N, warps, stages): the fastest of a grid on an H100 (rank_r_kernels.py)."""
+        """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
         return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
 
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
