@@ -42,6 +42,36 @@ def tiny_bert():
     return BertForSequenceClassification(config).eval()
 
 
+def save_tiny_bert(
+    folder: Path,
+    words: list[str],
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    encoder_only: bool = False,
+) -> Path:
+    """Save a random BERT classifier (2 labels) and a word-level tokenizer over ``words`` to ``folder``.
+
+    ``encoder_only`` saves the encoder alone, as the MiniLM checkpoint is (the head is created on load).
+    """
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(
+        folder
+    )  # transformers 5
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=32, num_labels=2,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config)
+    (model.bert if encoder_only else model).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel

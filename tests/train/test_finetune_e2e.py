@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from conftest import save_tiny_bert
 from lorakit.train import FinetuneConfig, MethodSpec, TrainingDivergedError, compare, evaluate_run, finetune
 from lorakit.train.run import RunFolder
 
@@ -31,21 +32,9 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A 2-layer, width-32 BERT checkpoint + a word-level tokenizer, saved offline."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
+    """A 2-layer, width-32 BERT encoder checkpoint + a word-level tokenizer, saved offline."""
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})  # transformers 5 API
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=32,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config)
-    # Save the encoder only (as the MiniLM checkpoint is): the classifier head is created fresh.
-    model.bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_bert(folder, WORDS, hidden=32, layers=2, heads=4, intermediate=48, encoder_only=True)
     return str(folder)
 
 

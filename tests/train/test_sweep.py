@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny_bert
 from lorakit.train.sweep import (
     aggregate,
     cell_id,
@@ -189,25 +190,8 @@ def test_reports_without_grid_axes_skip_heatmaps(tmp_path):
 @pytest.fixture
 def tiny_task(tmp_path):
     """A tiny random BERT classifier saved with its own word-level tokenizer, and a 2-class CSV task."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     words = ["good", "great", "fine", "bad", "awful", "poor", "movie", "the", "was"]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    model_dir = tmp_path / "model"
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(words) + 5,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(model_dir)
+    model_dir = save_tiny_bert(tmp_path / "model", words, hidden=16, layers=1, heads=2, intermediate=24)
     data = tmp_path / "data"
     data.mkdir()
     for split, n in (("train", 24), ("dev", 8)):
