@@ -23,7 +23,7 @@ import numpy as np
 
 from lorakit.train.data import load_task
 from lorakit.train.methods import MethodSpec, parse_method, slug
-from lorakit.train.run import CONFIG_FILE, SUMMARY_FILE, FinetuneConfig, RunSummary, finetune
+from lorakit.train.run import CONFIG_FILE, SUMMARY_FILE, FinetuneConfig, RunFolder, RunSummary, finetune
 from lorakit.train.trainer import TrainingDivergedError
 from lorakit.utils import atomic_save_figure, atomic_write_json
 
@@ -125,7 +125,7 @@ def compare(
                         summary = finetune(config, task=task)
                     except TrainingDivergedError as error:
                         logger.warning("compare: %s", error)
-                        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+                        summary = RunFolder(run_dir).read_summary()
                 summaries.append(summary)
                 task_runs.setdefault(spec.name, []).append(summary)
         rows += [_row(task.name, name, runs) for name, runs in task_runs.items()]

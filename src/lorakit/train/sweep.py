@@ -29,7 +29,6 @@ import csv
 import importlib
 import io
 import itertools
-import json
 import logging
 import math
 import multiprocessing
@@ -46,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.utils import atomic_save_figure, atomic_write, atomic_write_json, read_jsonl
+from lorakit.utils import atomic_save_figure, atomic_write, atomic_write_json, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +116,7 @@ def load_cells(out: str | os.PathLike) -> list[dict[str, Any]]:
     folder = Path(out) / CELLS_DIR
     records = []
     for path in sorted(folder.glob("*.json")):
-        try:
-            records.append(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+        records.append(read_json(path))
     return records
 
 
@@ -603,7 +599,7 @@ def finetune_cell(
     from dataclasses import fields, replace
 
     from lorakit.train.methods import parse_method
-    from lorakit.train.run import SUMMARY_FILE, FinetuneConfig, RunSummary, finetune
+    from lorakit.train.run import FinetuneConfig, RunFolder, finetune
     from lorakit.train.trainer import TrainingDivergedError
 
     config = FinetuneConfig.from_dict(dict(base))
@@ -630,7 +626,7 @@ def finetune_cell(
         summary = finetune(config)
         status = summary.status
     except TrainingDivergedError:
-        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+        summary = RunFolder(run_dir).read_summary()  # written before the error was raised
         status = "diverged"
     final = summary.final_metrics or {}
     ok = status == "finished"
