@@ -14,7 +14,6 @@ wall_time, metrics) and ``summary.json``/``config.json`` (method, task, seed, ma
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.utils import atomic_save_figure, atomic_write_json, read_jsonl
+from lorakit.utils import atomic_save_figure, atomic_write_json, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +75,7 @@ def load_curve(run_dir: str | os.PathLike, metric: str | None = None) -> RunCurv
     info: dict[str, Any] = {}
     for name in ("summary.json", "config.json"):
         if (run / name).exists():
-            try:
-                info[name] = json.loads((run / name).read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{run / name}: invalid JSON at line {error.lineno}: {error.msg}") from error
+            info[name] = read_json(run / name)
     summary, config = info.get("summary.json", {}), info.get("config.json", {})
     method = summary.get("method") or config.get("config", {}).get("method", {}).get("name") or run.name
     task = summary.get("task") or config.get("task", {}).get("name") or "task"
