@@ -12,6 +12,7 @@ from lorakit.train.metrics import (
     confusion_matrix,
     f1_binary,
     f1_macro,
+    higher_is_better,
     matthews,
     pearson,
     spearman,
@@ -80,3 +81,12 @@ def test_compute_metrics_and_errors():
         accuracy([1, 0], [1])
     with pytest.raises(ValueError, match="no examples"):
         accuracy([], [])
+
+
+@pytest.mark.parametrize(
+    ("metric", "higher"),
+    [("loss", False), ("train_loss", False), ("eval_loss", False), ("perplexity", False),
+     ("accuracy", True), ("f1_macro", True), ("mcc", True), ("spearman", True), ("lossy_score", True)],
+)  # fmt: skip
+def test_one_rule_says_which_direction_is_better(metric, higher):
+    assert higher_is_better(metric) is higher

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from lorakit.train.metrics import higher_is_better
 from lorakit.utils import atomic_save_figure, atomic_write_json, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["RunCurve", "curves_report", "find_runs", "load_curve", "plot_curves", "time_to_accuracy"]
 
 TIME_KEYS = ("train_time", "wall_time")
-LOWER_IS_BETTER = ("loss", "eval_loss", "perplexity")
 
 
 @dataclass
@@ -102,10 +102,6 @@ def load_curve(run_dir: str | os.PathLike, metric: str | None = None) -> RunCurv
     )
 
 
-def _higher(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
-
-
 def _reached(value: float, target: float, higher: bool) -> bool:
     return value >= target if higher else value <= target
 
@@ -147,7 +143,7 @@ def time_to_accuracy(
         if len(metrics) > 1:
             raise ValueError(f"task {task}: runs report different metrics {sorted(metrics)}; pass --metric")
         metric = metrics.pop()
-        higher = _higher(metric)
+        higher = higher_is_better(metric)
         by_method: dict[str, list[RunCurve]] = {}
         for c in part:
             by_method.setdefault(c.method, []).append(c)

@@ -20,15 +20,27 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "LOWER_IS_BETTER",
     "METRICS",
     "accuracy",
     "compute_metrics",
     "f1_binary",
     "f1_macro",
+    "higher_is_better",
     "matthews",
     "pearson",
     "spearman",
 ]
+
+
+#: metrics for which lower is better; so is any name ending in ``_<one of these>`` (``eval_loss``)
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is better: False for losses and perplexities (``train_loss`` too), True
+    for accuracy, F1, MCC and correlations. Used by the trainer (best checkpoint), sweeps and curves."""
+    return not any(metric == name or metric.endswith(f"_{name}") for name in LOWER_IS_BETTER)
 
 
 def _as_int(values: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from lorakit.train.metrics import higher_is_better
 from lorakit.utils import atomic_save_figure, atomic_write, atomic_write_json, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,6 @@ __all__ = [
 BACKENDS = ("local", "ray")
 CELLS_DIR = "cells"
 GROUP_KEYS = ("eta_a", "eta_b", "rank")
-LOWER_IS_BETTER = ("loss", "train_loss", "eval_loss", "perplexity")
 CellFunction = Callable[..., Mapping[str, Any]]
 
 
@@ -332,10 +332,6 @@ def _run_ray(
 # --------------------------------------------------------------------------------------------- reports
 
 
-def _higher_is_better(metric: str) -> bool:
-    return not any(metric == name or metric.endswith(f"_{name}") for name in LOWER_IS_BETTER)
-
-
 def aggregate(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Mean and sample std (ddof = 1) of ``metric`` over the seeds of each (η_A, η_B, rank) group.
 
@@ -415,7 +411,7 @@ def write_reports(
     _write_cells_csv(out / "cells.csv", records)
     rows = aggregate(records, metric)
     _write_rows_csv(out / "grid.csv", rows)
-    higher = _higher_is_better(metric)
+    higher = higher_is_better(metric)
     summary: dict[str, Any] = {
         "metric": metric,
         "higher_is_better": higher,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lorakit.train.metrics import compute_metrics
+from lorakit.train.metrics import compute_metrics, higher_is_better
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Trainer:
         self.task_type = task_type
         self.metric_names = list(metric_names)
         self.main_metric = self.metric_names[0]
-        self.higher_is_better = self.main_metric not in ("loss", "perplexity")
+        self.higher_is_better = higher_is_better(self.main_metric)
         self.hooks = hooks
         self.callbacks = list(callbacks)
         self.step_batches: list[dict[str, Any]] = []  # the micro-batches of the optimizer step in progress
