@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from lorakit.train.sweep import expand_grid, finetune_cell, load_cells, run_sweep, write_reports  # noqa: E402
-from lorakit.utils import atomic_write, atomic_write_json  # noqa: E402
+from lorakit.utils import atomic_write, atomic_write_json, read_json  # noqa: E402
 
 logger = logging.getLogger("evidence")
 
@@ -354,12 +353,12 @@ def _run_gpu(record: dict[str, Any], default: str) -> str:
 def merge(source: Path, results: Path) -> None:
     """Merge another device call's packed ``main`` results into ``results``: its finished cells replace
     failed ones, and each cell without a recorded GPU gets the GPU from that call's ``machine.json``."""
-    gpu = json.loads((source / "machine.json").read_text()).get("gpu", "?")
+    gpu = read_json(source / "machine.json").get("gpu", "?")
     merged = 0
     for cell_file in sorted((source / "main" / "cells").glob("*.json")):
-        record = json.loads(cell_file.read_text())
+        record = read_json(cell_file)
         target = results / "main" / "cells" / cell_file.name
-        old = json.loads(target.read_text()) if target.exists() else None
+        old = read_json(target) if target.exists() else None
         if record["status"] != "finished" or (old and old["status"] == "finished"):
             continue
         record["metrics"].setdefault("gpu", gpu)
@@ -381,7 +380,7 @@ def render(args: argparse.Namespace) -> None:
     machine = {}
     for name in ("machine_h100.json", "machine.json"):
         if (results / name).exists():
-            machine = json.loads((results / name).read_text())
+            machine = read_json(results / name)
             break
     numbers: dict[str, Any] = {"machine": machine, "tasks": {}, "throughput": {}, "ood": {}}
     methods = [_method_name({"method": m, "rank": r}) for m, r in METHODS]
@@ -415,7 +414,7 @@ def render(args: argparse.Namespace) -> None:
     gpu_names = {"throughput": machine.get("gpu", "CPU")}
     other = results / "h200"
     if (other / "machine.json").exists():
-        gpu_names["h200/throughput"] = json.loads((other / "machine.json").read_text()).get("gpu", "?")
+        gpu_names["h200/throughput"] = read_json(other / "machine.json").get("gpu", "?")
     for folder, gpu_name in gpu_names.items():
         for r in load_cells(results / folder) if (results / folder).exists() else []:
             name = _method_name(r["cell"])
@@ -557,7 +556,7 @@ def render(args: argparse.Namespace) -> None:
 
 def _finished(run_dir: Path) -> bool:
     try:
-        return json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+        return read_json(run_dir / "summary.json")["status"] == "finished"
     except (OSError, ValueError, KeyError):
         return False
 

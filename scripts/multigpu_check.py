@@ -20,7 +20,6 @@ docs/results.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from lorakit.utils import atomic_write_json  # noqa: E402
+from lorakit.utils import atomic_write_json, read_json  # noqa: E402
 
 logger = logging.getLogger("multigpu")
 
@@ -179,7 +178,7 @@ def _collect(run: Path, launcher: str, batch: int, seed: int, code: Any, seconds
     info["launch_seconds"] = round(seconds, 1)
     summary_path = run / "summary.json"
     if summary_path.exists():
-        s = json.loads(summary_path.read_text())
+        s = read_json(summary_path)
         info.update(
             accuracy=s["final_metrics"].get("accuracy"),
             samples_per_s=s["train_samples_per_s"],
@@ -202,7 +201,7 @@ def _peft_load(run: Path) -> str:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
-        config = json.loads((run / "config.json").read_text())
+        config = read_json(run / "config.json")
         base = AutoModelForSequenceClassification.from_pretrained(config["model"], num_labels=2)
         model = PeftModel.from_pretrained(base, str(run / "adapter"))
         n = sum("lora_" in name for name, _ in model.named_parameters())
@@ -217,7 +216,7 @@ def _peft_load(run: Path) -> str:
 def render(args: argparse.Namespace) -> None:
     from evidence_report import _replace_section
 
-    data = json.loads(Path(args.results).read_text())
+    data = read_json(args.results)
     runs = data["runs"]
     figures = REPO / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)

@@ -103,10 +103,18 @@ def test_modules_to_save_trained_and_missing_one_named(tiny_bert):
         lorakit.inject(model, LoraConfig(targets=["0"], r=2, modules_to_save=["head"]))
 
 
-def test_double_inject_is_refused(tiny_bert):
+@pytest.mark.parametrize("second_targets", [["query"], ["value"]])
+def test_double_inject_is_refused_and_keeps_the_first_adapters(tiny_bert, second_targets):
     lorakit.inject(tiny_bert, LoraConfig(targets=["query"]))
-    with pytest.raises(ValueError, match="already has a LoRA adapter"):
-        lorakit.inject(tiny_bert, LoraConfig(targets=["query"]))
+    first = tiny_bert.lora_config
+    with pytest.raises(ValueError, match=r"already has LoRA adapters on 2 module\(s\), e.g. '.*query'"):
+        lorakit.inject(tiny_bert, LoraConfig(targets=second_targets))
+    assert tiny_bert.lora_config is first
+    trainable = {name for name, p in tiny_bert.named_parameters() if p.requires_grad}
+    assert trainable and all("query.lora_" in name for name in trainable)
+    lorakit.unload(tiny_bert)
+    lorakit.inject(tiny_bert, LoraConfig(targets=second_targets))
+    assert len(list(lorakit.lora_layers(tiny_bert))) == 2
 
 
 def test_unload_restores_plain_modules(tiny_bert):

@@ -118,10 +118,20 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Add LoRA adapters to ``model`` in place and return it.
 
     Base weights are frozen; only the trainable factors (``config.train``) and ``config.modules_to_save``
-    require grad afterwards. The config is kept on the model as ``model.lora_config``.
+    require grad afterwards. The config is kept on the model as ``model.lora_config``. A model takes one
+    config: injecting into a model that already has adapters is an error (``unload`` it first).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"inject: expected a lorakit.LoraConfig, got {type(config).__name__}")
+    adapted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    if adapted:
+        # A second call would freeze the first call's factors and leave model.lora_config (what checkpoints
+        # save as the PEFT adapter config) describing only its own targets.
+        raise ValueError(
+            f"inject: {type(model).__name__} already has LoRA adapters on {len(adapted)} module(s), e.g. "
+            f"'{adapted[0]}'; one LoraConfig describes all of a model's adapters (list every target in it, "
+            "with rank_pattern/alpha_pattern for per-module ranks), or call lorakit.unload(model) first"
+        )
     targets = find_targets(model, config)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
