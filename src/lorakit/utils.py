@@ -9,13 +9,14 @@ Windows).
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
 import random
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,14 +27,16 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_write(
+    path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
+) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it over ``path``, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    binary = "b" in mode
+    text = {} if "b" in mode else {"encoding": encoding, "newline": newline}
     try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
+        with os.fdopen(fd, mode, **text) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -49,6 +52,14 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV table (``header``, then ``rows``; ``None`` cells left empty), atomically."""
+    with atomic_write(path, newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(["" if value is None else value for value in row] for row in rows)
 
 
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 130) -> None:

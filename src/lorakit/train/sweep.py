@@ -25,9 +25,7 @@ cell and the top-k ratio statistic
 
 from __future__ import annotations
 
-import csv
 import importlib
-import io
 import itertools
 import logging
 import math
@@ -46,7 +44,13 @@ from typing import Any
 import numpy as np
 
 from lorakit.train.metrics import higher_is_better
-from lorakit.utils import atomic_save_figure, atomic_write, atomic_write_json, read_json, read_jsonl
+from lorakit.utils import (
+    atomic_save_figure,
+    atomic_write_csv,
+    atomic_write_json,
+    read_json,
+    read_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -454,28 +458,21 @@ def _safe(text: str) -> str:
 def _write_cells_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     axes = list(dict.fromkeys(k for r in records for k in r["cell"]))
     metrics = list(dict.fromkeys(k for r in records for k in r.get("metrics", {})))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", *axes, "status", *metrics, "seconds"])
-    for r in records:
-        writer.writerow(
+    atomic_write_csv(
+        path,
+        ["id", *axes, "status", *metrics, "seconds"],
+        (
             [r["id"], *(r["cell"].get(a, "") for a in axes), r["status"]]
             + [r.get("metrics", {}).get(m, "") for m in metrics]
             + [r.get("seconds", "")]
-        )
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
+            for r in records
+        ),
+    )
 
 
 def _write_rows_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    buffer = io.StringIO()
     columns = [*GROUP_KEYS, "n", "n_bad", "mean", "std", "train_loss"]
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
-    with atomic_write(path) as handle:
-        handle.write(buffer.getvalue())
+    atomic_write_csv(path, columns, ([row[c] for c in columns] for row in rows))
 
 
 def plot_heatmap(
