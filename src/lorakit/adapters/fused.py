@@ -328,27 +328,30 @@ def lora_linear(
     need_dx = grad_on and x.requires_grad
     train_a = grad_on and lora_A.requires_grad
     train_b = grad_on and lora_B.requires_grad
+    args = (
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        mask,
+        float(scaling),
+        float(dropout_p),
+        bool(transposed_weight),
+        merged,
+        need_dx,
+        train_a,
+        train_b,
+    )
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Under autocast a Linear runs in the autocast dtype: cast x as F.linear would, then run the
         # Function with autocast off so forward and backward see one dtype (backward runs without autocast).
         x = x.to(torch.get_autocast_dtype(device_type))
-    with torch.autocast(device_type, enabled=False):
-        return _LoraLinearFunction.apply(
-            x,
-            weight,
-            bias,
-            lora_A,
-            lora_B,
-            mask,
-            float(scaling),
-            float(dropout_p),
-            bool(transposed_weight),
-            merged,
-            need_dx,
-            train_a,
-            train_b,
-        )
+        with torch.autocast(device_type, enabled=False):
+            return _LoraLinearFunction.apply(x, *args)
+    # No autocast context otherwise: entering one costs CPU time on every call, and eager LoRA steps are
+    # bound by CPU launch time.
+    return _LoraLinearFunction.apply(x, *args)
 
 
 def _dropout_mask_arg(x: torch.Tensor, p: float, given: torch.Tensor | None) -> torch.Tensor:
