@@ -59,18 +59,22 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda (default if present) or cpu",
+    )
     parser.add_argument("--every", type=int, default=10, help="diagnostics interval k (steps per block)")
     parser.add_argument("--blocks", type=int, default=8, help="timed blocks per variant (≥ 50 steps in all)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--curvature", action="store_true", help="also time after_step(loss_fn=...)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (2)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size (256)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (4)")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (2048)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (8)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (8)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (128)")
     parser.add_argument("--out", default="out/diagnostics_overhead.json", help="JSON results path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -250,9 +250,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("out/rank_r.json"))
+    parser.add_argument("--tokens", type=int, default=8192, help="rows T of the activations (8192)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (16)")
+    parser.add_argument("--out", type=Path, default=Path("out/rank_r.json"), help="JSON results path")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Bring the GPU to its steady clocks first: the first shape's timings came out up to 2× slow otherwise.

@@ -487,23 +487,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = Spec()
-    for field in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq", "rank"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(d, field))
-    parser.add_argument("--alpha", type=float, default=d.alpha)
+    model_help = {
+        "layers": "decoder layers",
+        "hidden": "hidden size",
+        "intermediate": "MLP size",
+        "heads": "attention heads",
+        "kv_heads": "key/value heads",
+        "vocab": "vocabulary size",
+        "batch": "sequences per step",
+        "seq": "tokens per sequence",
+        "rank": "LoRA rank r",
+    }
+    for field, text in model_help.items():
+        default = getattr(d, field)
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=int, default=default, help=f"{text} ({default})"
+        )
+    parser.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha ({d.alpha:g})")
     parser.add_argument("--modes", default="eager,compile", help="comma list of eager, compile")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + EXTRA_VARIANTS}"
     )
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each timed run")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant")
     parser.add_argument("--sweep", default="", help="comma list of size, rank (eager, --sweep-layers layers)")
-    parser.add_argument("--sweep-layers", type=int, default=4)
+    parser.add_argument("--sweep-layers", type=int, default=4, help="decoder layers of the sweep models")
     parser.add_argument("--micro", action="store_true", help="per-projection fwd+bwd micro-benchmark")
     parser.add_argument("--profile", action="store_true", help="profiler tables for eager runs (profile.txt)")
     parser.add_argument("--skip-check", action="store_true", help="do not check (then lorakit is not timed)")
-    parser.add_argument("--out", default="out/throughput.json")
-    parser.add_argument("--results", default="benchmarks/RESULTS.md")
+    parser.add_argument("--out", default="out/throughput.json", help="JSON results path")
+    parser.add_argument(
+        "--results", default="benchmarks/RESULTS.md", help="markdown file the table is appended to"
+    )
     parser.add_argument("--title", default="", help="heading of the appended RESULTS.md section")
     parser.add_argument("--render", default="", help="only append the table of this saved JSON to --results")
     parser.add_argument("--compile-check", action="store_true", help="fullgraph compile of one adapted block")
