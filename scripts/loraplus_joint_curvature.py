@@ -71,9 +71,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--eta", type=float, default=0.01, help="the equal rate (quick grid's best: 0.01)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("out/joint_curvature.json"))
+    parser.add_argument("--steps", type=int, default=200, help="GD steps (200)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (3)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/joint_curvature.json"), help="JSON results path"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pooled: dict[str, list[float]] = {"loss": [], "block": [], "joint": []}
