@@ -70,6 +70,14 @@ def band(lams: np.ndarray, loss: np.ndarray, per_decade: float, tolerance: float
 def summarise(etas: np.ndarray, lams: np.ndarray, losses: dict[int, np.ndarray], args) -> dict[str, Any]:
     seeds = sorted(losses)
     pooled = np.mean([losses[s] for s in seeds[: args.band_seeds]], axis=0)  # inf where any seed diverged
+    # min over η_A of the mean over the first k seeds, k = 1..N (index k − 1)
+    envelopes = [
+        np.mean([losses[s] for s in seeds[:k]], axis=0).min(axis=0) for k in range(1, len(seeds) + 1)
+    ]
+    by_count = {
+        str(k): band(lams, envelope, args.lam_per_decade, args.tolerance)
+        for k, envelope in enumerate(envelopes, 1)
+    }
     step = round(args.lam_per_decade / COARSE_PER_DECADE)
     row = int(np.argmin(np.abs(np.log10(etas / COARSE_ETA_A))))
     per_seed, regrets = {}, []
@@ -102,19 +110,11 @@ def summarise(etas: np.ndarray, lams: np.ndarray, losses: dict[int, np.ndarray],
             "scan_loss": pooled[row, ::step].tolist(),
             **band(lams[::step], pooled[row, ::step], COARSE_PER_DECADE, args.tolerance),
         },
-        "band_fine": band(lams, pooled.min(axis=0), args.lam_per_decade, args.tolerance),
+        "band_fine": by_count[str(args.band_seeds)],
         # the same fine band pooled over the first k seeds, k = 1..N: how much the target moves with k
-        "band_fine_by_seed_count": {
-            str(k): band(
-                lams,
-                np.mean([losses[s] for s in seeds[:k]], axis=0).min(axis=0),
-                args.lam_per_decade,
-                args.tolerance,
-            )
-            for k in range(1, len(seeds) + 1)
-        },
-        "pooled_envelope": pooled.min(axis=0).tolist(),
-        "pooled_envelope_all_seeds": np.mean([losses[s] for s in seeds], axis=0).min(axis=0).tolist(),
+        "band_fine_by_seed_count": by_count,
+        "pooled_envelope": envelopes[args.band_seeds - 1].tolist(),
+        "pooled_envelope_all_seeds": envelopes[-1].tolist(),
         "per_seed": per_seed,
         "median_regret": np.median(regrets, axis=0).tolist() if regrets else None,
         "seed_regrets": [r.tolist() for r in regrets],

@@ -214,10 +214,6 @@ def delta_terms(
     return d1, d2, d3
 
 
-def _first_order_tensor(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    return (grad.double() * (after.double() - before.double())).sum()
-
-
 def _first_order_terms(
     grads: Sequence[torch.Tensor], befores: Sequence[torch.Tensor], afters: Sequence[torch.Tensor]
 ) -> torch.Tensor:
@@ -248,7 +244,7 @@ _SEGMENT_IDS: dict[tuple, torch.Tensor] = {}
 
 def first_order_loss_term(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
     """``⟨∇L, Δθ⟩`` of one factor: ⟨dZ̄, δ¹⟩ for A, ⟨dZ̄, δ²⟩ for B (module docstring; float64 sum)."""
-    return float(_first_order_tensor(grad, before, after))
+    return float((grad.double() * (after.double() - before.double())).sum())
 
 
 def _gradients_at(
