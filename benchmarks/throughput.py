@@ -38,8 +38,15 @@ LOG = logging.getLogger("throughput")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
 # Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton; the
-# fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs).
-EXTRA_VARIANTS = ["lorakit-reference", "lorakit-notriton", "lorakit-mergeonly"]
+# fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
+# lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True).
+EXTRA_VARIANTS = [
+    "lorakit-reference",
+    "lorakit-notriton",
+    "lorakit-mergeonly",
+    "lorakit-savemerged",
+    "lorakit-frozenA-savemerged",
+]
 TRITON_KERNELS = {"lorakit-notriton": frozenset(), "lorakit-mergeonly": frozenset({"merge"})}
 PEER = {
     "lorakit": "peft-bf16",
@@ -47,8 +54,15 @@ PEER = {
     "lorakit-reference": "peft-bf16",
     "lorakit-notriton": "peft-bf16",
     "lorakit-mergeonly": "peft-bf16",
+    "lorakit-savemerged": "peft-bf16",
+    "lorakit-frozenA-savemerged": "peft-bf16-frozenA",
 }
-TARGET_VS_NONE = {"lorakit": 0.95, "lorakit-frozenA": 0.97}
+TARGET_VS_NONE = {
+    "lorakit": 0.95,
+    "lorakit-frozenA": 0.97,
+    "lorakit-savemerged": 0.95,
+    "lorakit-frozenA-savemerged": 0.97,
+}
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -80,7 +94,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
         for dtype in (torch.bfloat16, torch.float32)
         for train in ("AB", "B", "A")
         for transposed in (False, True)
-        for strategy, p in (("merged", 0.0), ("addmm", 0.0), ("auto", 0.1))
+        for strategy, p in (("merged", 0.0), ("merged+saved", 0.0), ("addmm", 0.0), ("auto", 0.1))
     ]
     gen = torch.Generator(device=device).manual_seed(1234)
     for dtype, train, transposed, strategy, p in cases:
@@ -117,7 +131,12 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
             y.backward(g.to(cast))
             return [y, xs.grad, a_.grad, b_.grad]
 
-        got = run(lora_linear, dtype, strategy=strategy)
+        got = run(
+            lora_linear,
+            dtype,
+            strategy=strategy.removesuffix("+saved"),
+            save_merged_weight=strategy.endswith("+saved"),
+        )
         want = run(reference_lora_linear, torch.float64)
         errs = {}
         for name, gt, wt in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
@@ -142,14 +161,15 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
     return {"ok": ok, "cases": results}
 
 
-def compile_check(device: str) -> dict:
+def compile_check(device: str, save_merged_weight: bool = False) -> dict:
     """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager."""
     import lorakit
 
     spec = Spec(layers=1, hidden=1024, intermediate=4096, heads=16, kv_heads=4, batch=2, seq=512)
     model = build_model(spec, device)
     model.requires_grad_(False)
-    lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS))
+    config = lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS, save_merged_weight=save_merged_weight)
+    lorakit.inject(model, config)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
             layer.lora_B.normal_(0, 1e-2)
@@ -173,7 +193,7 @@ def compile_check(device: str) -> dict:
         eager = run(block)
         compiled = run(torch.compile(block, fullgraph=True))
         errs = [_rel(c, e) for c, e in zip(compiled, eager, strict=True)]
-        return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs)}
+        return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs), "save_merged_weight": save_merged_weight}
     except Exception as error:  # report, don't crash the benchmark
         return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
 
@@ -224,7 +244,7 @@ def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.
         return model
     import lorakit
 
-    frozen_a = variant == "lorakit-frozenA"
+    frozen_a = variant.startswith("lorakit-frozenA")
     cfg = lorakit.LoraConfig(
         r=spec.rank,
         alpha=spec.alpha,
@@ -232,6 +252,7 @@ def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.
         init="orthonormal-a" if frozen_a else "lora",
         train="B" if frozen_a else "AB",
         kernel="reference" if variant == "lorakit-reference" else "fused",
+        save_merged_weight=variant.endswith("-savemerged"),
     )
     lorakit.inject(model, cfg)
     with torch.no_grad():
@@ -614,16 +635,18 @@ def main(argv: list[str] | None = None) -> int:
             LOG.error(
                 "REFUSING to time lorakit: fused outputs/gradients disagree with the reference (see check)"
             )
+    variants = [v for v in args.variants.split(",") if v]
+    variants = [v for v in variants if lorakit_ok or not v.startswith("lorakit")]
     compiled_ok = True  # the compiled path has its own kernel (the one-pass G/dB), checked here when asked
     if args.compile_check and lorakit_ok:
-        report["compile_check"] = compile_check(device)
+        # one check per setting of save_merged_weight among the lorakit variants asked for
+        saved = sorted({v.endswith("-savemerged") for v in variants if v.startswith("lorakit")})
+        report["compile_check"] = [compile_check(device, flag) for flag in saved or [False]]
         LOG.info("compile check: %s", report["compile_check"])
-        compiled_ok = report["compile_check"]["ok"]
+        compiled_ok = all(check["ok"] for check in report["compile_check"])
         if not compiled_ok:
             LOG.error("REFUSING to time compiled lorakit: compiled block disagrees with eager (see check)")
     atomic_write_json(out, report)
-    variants = [v for v in args.variants.split(",") if v]
-    variants = [v for v in variants if lorakit_ok or not v.startswith("lorakit")]
     profile_path = out.with_name("profile.txt") if args.profile else None
 
     if args.micro and lorakit_ok:

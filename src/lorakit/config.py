@@ -45,6 +45,9 @@ class LoraConfig:
             ``(seed, module path)``.
         kernel: ``"fused"`` (default: the fused autograd path of :mod:`lorakit.adapters.fused`) or
             ``"reference"`` (plain PyTorch ops).
+        save_merged_weight: fused kernel only: keep each merged weight ``W0 + s·B A`` from forward for
+            backward instead of rebuilding it. Trades one extra copy of every adapted weight in memory
+            (held until backward) for one pass fewer over it per step (benchmarks/RESULTS.md).
     """
 
     r: int = 8
@@ -60,6 +63,7 @@ class LoraConfig:
     modules_to_save: Sequence[str] = ()
     seed: int = 0
     kernel: str = "fused"
+    save_merged_weight: bool = False
 
     def __post_init__(self) -> None:
         from lorakit.adapters.init import INIT_SCHEMES
@@ -72,6 +76,10 @@ class LoraConfig:
         _check_choice("init", self.init, tuple(INIT_SCHEMES))
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.save_merged_weight, bool):
+            raise ValueError(
+                f"LoraConfig.save_merged_weight: expected True or False, got {self.save_merged_weight!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LoraConfig.seed: expected an integer, got {self.seed!r}")
         self.targets = _names("targets", self.targets, allow_all_linear=True)

@@ -61,6 +61,29 @@ def test_fused_matches_reference(dtype, train, transposed, p, strategy):
     assert (got[2] is None) == ("A" not in train) and (got[3] is None) == ("B" not in train)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", ["AB", "B", "A"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_saved_merged_weight_matches_reference_and_skips_the_second_merge(
+    dtype, train, transposed, monkeypatch
+):
+    inputs = make_inputs(dtype, train, transposed, bias=True, seed=3 + len(train))
+    merges = []
+    real_merge = fused._merge
+    monkeypatch.setattr(fused, "_merge", lambda *args: merges.append(1) or real_merge(*args))
+    got = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged", save_merged_weight=True)
+    assert len(merges) == 1, "backward rebuilt the merged weight although forward saved it"
+    rebuilt = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged")
+    assert len(merges) == 3, "without save_merged_weight, backward rebuilds the merged weight"
+    want = run(reference_lora_linear, *inputs, 0.0, transposed, None)
+    for name, g, r, w in zip(("y", "dx", "dA", "dB"), got, rebuilt, want, strict=True):
+        if w is None:
+            assert g is None, f"{name}: frozen factor got a gradient"
+            continue
+        assert torch.equal(g, r), f"{name}: saved and rebuilt merged weight give different results"
+        assert rel_err(g, w) <= TOL[dtype], f"{name}: rel err {rel_err(g, w):.3g}"
+
+
 def test_same_seed_same_dropout_mask():
     x, weight, b, lora_a, lora_b, grad_out = make_inputs(torch.float64, "AB", False, True, seed=3)
     torch.manual_seed(11)
@@ -174,17 +197,21 @@ def test_injected_layers_fused_equals_reference_kernel():
     import lorakit
 
     grads = {}
-    for kernel in ("fused", "reference"):
+    kernels = {"fused": {}, "fused-saved": {"save_merged_weight": True}, "reference": {"kernel": "reference"}}
+    for kernel, options in kernels.items():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(IN, OUT), nn.Tanh(), nn.Linear(OUT, IN)).double()
-        cfg = lorakit.LoraConfig(r=R, alpha=8, targets=["0", "2"], init="gaussian-b", kernel=kernel)
+        cfg = lorakit.LoraConfig(r=R, alpha=8, targets=["0", "2"], init="gaussian-b", **options)
         lorakit.inject(model, cfg)
-        x = torch.randn(7, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        assert model[0].save_merged_weight == (kernel == "fused-saved")
+        # 64 tokens: enough that "auto" picks the merged strategy for these 12×10 weights
+        x = torch.randn(64, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         model(x).square().sum().backward()
         grads[kernel] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads["fused"].keys() == grads["reference"].keys() and len(grads["fused"]) == 4
-    for name, g in grads["fused"].items():
-        assert rel_err(g, grads["reference"][name]) <= 1e-10, name
+    for kernel in ("fused", "fused-saved"):
+        for name, g in grads[kernel].items():
+            assert rel_err(g, grads["reference"][name]) <= 1e-10, (kernel, name)
 
 
 @pytest.mark.parametrize("strategy", ["merged", "addmm"])

@@ -27,6 +27,7 @@ from lorakit.adapters import LoraConv1D, LoraEmbedding, LoraLinear, find_targets
         ("alpha_pattern", {"q": float("nan")}, "alpha_pattern['q']"),
         ("seed", "0", "LoraConfig.seed"),
         ("kernel", "cuda", "LoraConfig.kernel"),
+        ("save_merged_weight", "yes", "LoraConfig.save_merged_weight"),
     ],
 )
 def test_bad_config_field_is_named(field, value, message):

@@ -152,6 +152,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             train_a=config.train_a,
             train_b=config.train_b,
             kernel=config.kernel,
+            save_merged_weight=config.save_merged_weight,
         )
         generator = named_generator(config.seed, name)
         initialise(

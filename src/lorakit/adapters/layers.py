@@ -38,6 +38,7 @@ class LoraLayer(nn.Module):
         train_a: bool = True,
         train_b: bool = True,
         kernel: str = "fused",
+        save_merged_weight: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -45,6 +46,7 @@ class LoraLayer(nn.Module):
         self.alpha = alpha
         self.scaling = scaling
         self.kernel = kernel
+        self.save_merged_weight = save_merged_weight
         self.dropout_p = float(dropout)
         self.merged = False
         in_features, out_features = self.features_of(base_layer)
@@ -106,6 +108,7 @@ class LoraLayer(nn.Module):
         return (
             f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p:g}, "
             f"train={trained or 'none'}, kernel={self.kernel}"
+            + (", save_merged_weight=True" if self.save_merged_weight else "")
         )
 
 
@@ -173,15 +176,9 @@ class LoraEmbedding(LoraLayer):
 
 
 def _lora_linear(layer: LoraLinear, x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    forward = fused.lora_linear if layer.kernel == "fused" else fused.reference_lora_linear
-    return forward(
-        x,
-        weight,
-        layer.base_layer.bias,
-        layer.lora_A,
-        layer.lora_B,
-        layer.scaling,
-        layer.dropout_p,
-        layer.training,
-        transposed,
-    )
+    args = (x, weight, layer.base_layer.bias, layer.lora_A, layer.lora_B, layer.scaling, layer.dropout_p)
+    if layer.kernel == "fused":
+        return fused.lora_linear(
+            *args, layer.training, transposed, save_merged_weight=layer.save_merged_weight
+        )
+    return fused.reference_lora_linear(*args, layer.training, transposed)
