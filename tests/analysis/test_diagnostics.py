@@ -301,6 +301,44 @@ def test_curvature_terms_closed_form_on_a_linear_layer() -> None:
     assert loss_along_a(m_star) < min(loss_along_a(0.9 * m_star), loss_along_a(1.1 * m_star))
 
 
+@pytest.mark.parametrize("with_optimizer", [True, False], ids=["optimizer", "model-only"])
+def test_curvature_is_taken_with_a_trained_head_at_its_pre_step_value(with_optimizer: bool) -> None:
+    """A trained task head moves in the same step; the curvature must still be the Hessian at the pre-step
+    state of every trainable parameter, and the head must be back at its post-step value afterwards."""
+    model = _model(seed=5).double()
+    model.head.requires_grad_(True)
+    (name, layer), *_ = lorakit.lora_layers(model)
+    head = list(model.head.parameters())
+    opt = torch.optim.SGD([{"params": [layer.lora_A, layer.lora_B], "lr": 0.05}, {"params": head, "lr": 0.5}])
+    d = DeltaDiagnostics(model, every=1, optimizer=opt if with_optimizer else None, curvature_eps=1e-5)
+    x = torch.randn(16, 6, dtype=torch.float64)
+
+    def loss_fn() -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt.zero_grad()
+    loss_fn().backward()
+    d.before_step()
+    opt.step()
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    got = d.after_step(loss_fn=loss_fn)["layers"][name]
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), after[n]), f"{n} not restored to its post-step value"
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(before[n])
+    d_a = after[f"{name}.lora_A"] - before[f"{name}.lora_A"]
+    d_b = after[f"{name}.lora_B"] - before[f"{name}.lora_B"]
+    g_a, g_b = torch.autograd.grad(loss_fn(), (layer.lora_A, layer.lora_B), create_graph=True)
+    h_a = torch.autograd.grad((g_a * d_a).sum(), layer.lora_A, retain_graph=True)[0]
+    h_b = torch.autograd.grad((g_b * d_b).sum(), layer.lora_B)[0]
+    assert got["curv1"] == pytest.approx(float((d_a * h_a).sum()), rel=1e-5)
+    assert got["curv2"] == pytest.approx(float((d_b * h_b).sum()), rel=1e-5)
+
+
 def test_curvature_matches_double_backward() -> None:
     """On a non-quadratic loss (tanh head) a small ε gives the Hessian at the pre-step state."""
     model = _model(seed=4).double()

@@ -110,7 +110,9 @@ toy, a joint two-factor model that keeps it moved the suggestion only from 0.83 
 model along the step actually taken, holds for any optimizer, and costs one Hessian-vector product per
 factor. With ``after_step(loss_fn=...)`` (a closure recomputing the loss of the measured batch at the
 current parameters), ``curv`` is taken by a central difference of gradients along the step,
-``⟨Δ, H Δ⟩ ≈ ⟨Δ, ∇L(θ + εΔ) − ∇L(θ − εΔ)⟩/(2ε)`` at the pre-step state θ, one factor at a time (all layers'
+``⟨Δ, H Δ⟩ ≈ ⟨Δ, ∇L(θ + εΔ) − ∇L(θ − εΔ)⟩/(2ε)`` at the pre-step state θ (every trainable parameter the
+optimizer, or else the model, holds is put back to its pre-step value, e.g. a trained task head; only the
+LoRA factors when neither was given), one factor at a time (all layers'
 A factors together, then all B factors): four extra forward/backward passes on measured steps only, all
 with the same forked RNG seed (so dropout masks agree), exact for a loss quadratic in the factor. The
 default ``curvature_eps = 1`` makes it the secant curvature over the step taken (robust in low precision);
@@ -341,6 +343,9 @@ class DeltaDiagnostics:
         self._log = JsonlLog(None if self.run_dir is None else self.run_dir / DIAGNOSTICS_FILE)
         self.step = 0
         self._tracked: list[_Tracked] = []
+        self._model: nn.Module | None = None
+        # (parameter, pre-step copy) of the other trainable parameters, on measured steps (curvature)
+        self._others: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._recomputing = False
         if layers is not None or model is not None:
             self.attach(model, layers)
@@ -349,6 +354,7 @@ class DeltaDiagnostics:
     def attach(self, model: nn.Module | None, layers: Iterable[tuple[str, nn.Module]] | None = None) -> None:
         """Register the input-capturing pre-hooks on every adapted layer (idempotent per instance)."""
         self.detach()
+        self._model = model
         pairs = list(layers) if layers is not None else _find_lora_layers(model) if model is not None else []
         if not pairs:
             raise ValueError("lorakit.analysis.diagnostics: no LoRA layers found (inject adapters first)")
@@ -407,7 +413,8 @@ class DeltaDiagnostics:
         self._log.load(lambda record: record.get("step", 0) < step)
 
     def before_step(self) -> None:
-        """Call right before ``optimizer.step()``: snapshots A, B and their gradients on measured steps."""
+        """Call right before ``optimizer.step()``: snapshots A, B and their gradients on measured steps, and
+        the other trainable parameters (for the curvature terms' pre-step state)."""
         if not self.armed:
             return
         sources: list[torch.Tensor] = []
@@ -424,6 +431,7 @@ class DeltaDiagnostics:
             a, b = _factor(tracked.layer, "lora_A"), _factor(tracked.layer, "lora_B")
             tracked.snapshot = (snapshot(a), snapshot(b))
             tracked.grads = (snapshot(a.grad), snapshot(b.grad))
+        self._others = [(param, snapshot(param)) for param in self._other_trainable()]
         if sources:
             torch._foreach_copy_(copies, sources)  # one multi-tensor kernel instead of one clone each
 
@@ -444,14 +452,28 @@ class DeltaDiagnostics:
             tracked.x = None
             tracked.snapshot = None
             tracked.grads = (None, None)
+        self._others = []
         self.step += 1
         return record
+
+    def _other_trainable(self) -> list[torch.Tensor]:
+        """Trainable parameters other than the tracked factors: the optimizer's, else the model's."""
+        if self.optimizer is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        elif self._model is not None:
+            params = list(self._model.parameters())
+        else:
+            return []
+        factors = {id(_factor(t.layer, name)) for t in self._tracked for name in ("lora_A", "lora_B")}
+        unique = {id(p): p for p in params if p.requires_grad and id(p) not in factors}
+        return list(unique.values())
 
     def _curvature(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, tuple[float | None, float | None]]:
         """Per layer ``(⟨ΔA, H_AA ΔA⟩, ⟨ΔB, H_BB ΔB⟩)`` shares at the pre-step state (module docstring)."""
         tracked = [t for t in self._tracked if t.snapshot is not None]
         factors = [(_factor(t.layer, "lora_A"), _factor(t.layer, "lora_B")) for t in tracked]
         new = [(a.detach().clone(), b.detach().clone()) for a, b in factors]
+        others_new = [param.detach().clone() for param, _ in self._others]
         out: dict[str, list[float | None]] = {t.name: [None, None] for t in tracked}
         self._recomputing = True
         try:
@@ -459,6 +481,8 @@ class DeltaDiagnostics:
                 for (a, b), t in zip(factors, tracked, strict=True):
                     a.copy_(t.snapshot[0])
                     b.copy_(t.snapshot[1])
+                for param, before in self._others:
+                    param.copy_(before)
             for k in (0, 1):
                 chosen = [
                     (t.name, pair[k], (n[k] - t.snapshot[k]).to(pair[k].dtype))
@@ -480,6 +504,8 @@ class DeltaDiagnostics:
                 for (a, b), (a_new, b_new) in zip(factors, new, strict=True):
                     a.copy_(a_new)
                     b.copy_(b_new)
+                for (param, _), after in zip(self._others, others_new, strict=True):
+                    param.copy_(after)
         return {name: (v[0], v[1]) for name, v in out.items()}
 
     @torch.no_grad()
