@@ -149,3 +149,25 @@ def test_cli_writes_table_json_and_plot(tmp_path, monkeypatch, capsys) -> None:
         == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("dtype", "size"), [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_numerical_rank_of_a_small_update_ignores_the_rounding_of_the_stored_weights(dtype, size) -> None:
+    """W_tuned = W_base + a rank-3 change of ``size`` × ‖W‖₂, both stored in ``dtype``: rounding the stored
+    weights adds full-rank noise to their difference; only the 3 real directions are above it (bf16 keeps
+    about 3 significant digits, so its change must be larger to stand out)."""
+    g = torch.Generator().manual_seed(0)
+    D = 64
+    base_weight = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    change = torch.randn(D, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, D, generator=g, dtype=torch.float64
+    )
+    change *= (
+        size * float(torch.linalg.matrix_norm(base_weight, 2)) / float(torch.linalg.matrix_norm(change, 2))
+    )
+    base = {"layers.0.q.weight": base_weight.to(dtype)}
+    tuned = {"layers.0.q.weight": (base_weight + change).to(dtype)}
+    (report,) = advise(base, tuned, tol=0.1).weights
+    assert report.numerical_rank == 3
+    delta = tuned["layers.0.q.weight"].double() - base["layers.0.q.weight"].double()
+    assert int((torch.linalg.svdvals(delta) > 1e-12).sum()) == D  # the rounding noise is there, full rank

@@ -12,6 +12,7 @@ from lorakit.theory.rank import (
     headline_rank,
     numerical_rank,
     required_rank,
+    residual_rank,
     uniform_partition,
     uniform_rank,
 )
@@ -59,3 +60,27 @@ def test_numerical_rank() -> None:
     a = torch.randn(8, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)
     assert numerical_rank(a) == 3
     assert numerical_rank(torch.zeros(4, 4)) == 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float32, 0.1), (torch.float64, 1e-6), (torch.float64, 0.1)]
+)
+def test_group_rank_ignores_the_round_off_of_its_operands(dtype: torch.dtype, scale: float) -> None:
+    """A target = frozen product + a rank-2 change: rank 2, whether the target is stored in float32 (its
+    rounding is full-rank noise at 1e-8 of the weights) or the change is 1e-6 of them (float64 cancellation
+    noise in W̄ - ∏W would then be ~1e-10 of E's norm, far above eps · ‖E‖)."""
+    g = torch.Generator().manual_seed(3)
+    D = 16
+    frozen = FNN.random(D, 2, g, dtype=dtype)
+    exact_product = frozen.weights[1].double() @ frozen.weights[0].double()
+    change = torch.randn(D, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, D, generator=g, dtype=torch.float64
+    )
+    target = FNN([(exact_product + scale * change).to(dtype)], [torch.zeros(D, dtype=dtype)])
+    assert group_ranks(frozen, target, [2]) == [2]
+    assert required_rank(frozen, target) == 1 == required_rank(frozen, target, partition="best")
+    assert residual_rank(target.weights[0], frozen.weights) == 2
+    # an explicit rtol is relative to the operands' scale: a loose one drops the change, zero keeps noise
+    assert residual_rank(target.weights[0], frozen.weights, rtol=1.0) == 0
+    if dtype == torch.float32:
+        assert residual_rank(target.weights[0], frozen.weights, rtol=0.0) == D

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--group-size",
         type=int,
         default=0,
-        help="G >= 2: also report the distributed bound for G consecutive layers",
+        help="G >= 2: also report the Zeng-Lee distributed bound for G consecutive same-type layers "
+        "(a theorem only for directly composed weights; a heuristic across transformer blocks)",
     )
     parser.add_argument("--out", help="folder for rank_advisor.json and rank_advisor.png")
     parser.set_defaults(func=run)

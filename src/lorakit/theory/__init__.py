@@ -1,7 +1,8 @@
 """Expressive power of LoRA (Zeng & Lee, ICLR 2024): closed-form adapters, rank thresholds, error bounds,
 gradient baselines on the paper's synthetic models, and a rank advisor for real fine-tunes.
 
-Everything here is float64 by default so that constructions can be verified to machine precision.
+Constructions, thresholds and bounds compute in float64 so that they can be verified to machine precision;
+the gradient-trained baselines (:mod:`lorakit.theory.baselines`) default to float32, as training would.
 """
 
 from lorakit.theory.advisor import AdvisorResult, adapter_deltas, advise, frobenius_rank, spectral_rank
@@ -22,6 +23,7 @@ from lorakit.theory.rank import (
     headline_rank,
     numerical_rank,
     required_rank,
+    residual_rank,
     uniform_partition,
     uniform_rank,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "linear_threshold",
     "numerical_rank",
     "required_rank",
+    "residual_rank",
     "spectral_rank",
     "uniform_partition",
     "uniform_rank",

@@ -7,9 +7,15 @@ is decomposed by SVD and the smallest rank r is reported with
     spectral:   ||ΔW - LR_r(ΔW)||_2 / ||ΔW||_2 = σ_{r+1} / σ_1 <= tol
 
 (Eckart-Young: no rank-r update does better). For a stack of G consecutive layers of the same type
-(square weights, composed as in the paper's linear/FNN setting) it also reports the Zeng-Lee distributed
-bound ``ceil(rank_tol(E) / G)`` with ``E = prod_l W_tuned,l - prod_l W_base,l``: the per-layer rank that
-would suffice if the group's change were spread over its layers.
+(square weights) it also reports the Zeng-Lee distributed bound ``ceil(rank_tol(E) / G)`` with
+``E = prod_l W_tuned,l - prod_l W_base,l``: the per-layer rank that would suffice if the group's change were
+spread over its layers. That bound is a theorem only for weights that compose directly (W_{l+1} acting on
+W_l's output, the paper's linear/FNN setting); same-type weights of consecutive transformer blocks have
+attention, residuals and other layers between them, so for them it is a heuristic, and it can fall below a
+single layer's own rank.
+
+``numerical_rank`` counts the singular values of ΔW above round-off. For ``W_tuned - W_base`` that floor is
+set by the operands, not by ΔW: the storage rounding of the tuned weight (:func:`rounding_noise`).
 
 Weights are read from safetensors files (a file, or every ``*.safetensors`` in a folder) or, for a name that
 is not a local path, from the hub through ``transformers``. Adapters (a folder with ``adapter_config.json``
@@ -86,11 +92,31 @@ def layer_index(name: str) -> int | None:
     return None
 
 
-def report_for(name: str, singular_values: Tensor, shape: tuple[int, int], tol: float) -> WeightReport:
+def rounding_noise(weight: Tensor, eps: float | None = None) -> float:
+    """Spectral size of the storage round-off of ``weight``: ``eps · (largest row norm + largest column
+    norm)``, ``eps`` that of its dtype by default.
+
+    A matrix of independent errors of size up to eps·|w_ij| has a spectral norm of about its largest row norm
+    plus its largest column norm (Latała 2005, "Some estimates of norms of random matrices"); singular values
+    of ``W_tuned - W_base`` below this cannot be told from the rounding of the stored weights.
+    """
+    w = weight.detach().double()
+    if eps is None:
+        eps = torch.finfo(weight.dtype).eps
+    return eps * float(torch.linalg.vector_norm(w, dim=1).max() + torch.linalg.vector_norm(w, dim=0).max())
+
+
+def report_for(
+    name: str, singular_values: Tensor, shape: tuple[int, int], tol: float, noise: float = 0.0
+) -> WeightReport:
+    """Ranks of one update from its singular values. ``numerical_rank`` counts those above both the
+    LAPACK rule ``max(shape) · eps(float32) · σ_1`` and ``noise`` (e.g. :func:`rounding_noise` of the
+    weights ΔW was taken from)."""
     s = singular_values.double()
-    eps_rank = (
-        int((s > max(shape) * torch.finfo(torch.float32).eps * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-    )
+    eps_rank = 0
+    if s.numel() and s[0] > 0:
+        floor = max(max(shape) * torch.finfo(torch.float32).eps * float(s[0]), noise)
+        eps_rank = int((s > floor).sum())
     return WeightReport(
         name=name,
         layer_type=layer_type(name),
@@ -290,11 +316,14 @@ def advise(
             base_key = _match_key(base_state.keys(), module)
             if base_key is None or base_state[base_key].shape != weight.shape:
                 continue
-            delta = weight.double() - base_state[base_key].double()
-            norm = float(torch.linalg.vector_norm(base_state[base_key].double()))
+            base_weight = base_state[base_key]
+            delta = weight.double() - base_weight.double()
+            norm = float(torch.linalg.vector_norm(base_weight.double()))
             if float(torch.linalg.vector_norm(delta)) <= min_relative_change * max(norm, 1e-30):
                 continue
-            reports.append(report_for(module, torch.linalg.svdvals(delta), tuple(delta.shape), tol))
+            eps = max(torch.finfo(weight.dtype).eps, torch.finfo(base_weight.dtype).eps)
+            noise = rounding_noise(weight, eps)
+            reports.append(report_for(module, torch.linalg.svdvals(delta), tuple(delta.shape), tol, noise))
             stack_base[module], stack_tuned[module] = base_state[base_key], weight
     if not reports:
         raise ValueError(
@@ -327,7 +356,11 @@ def format_table(result: AdvisorResult) -> str:
         )
     if result.stacks:
         lines.append("")
-        lines.append("Zeng-Lee distributed bound for stacks of consecutive layers: ceil(rank_F(E_group) / G)")
+        lines.append(
+            "Zeng-Lee distributed bound for stacks of consecutive layers: ceil(rank_F(E_group) / G); a "
+            "heuristic here: the theorem needs weights that compose directly, and attention/residuals sit "
+            "between blocks"
+        )
         for st in result.stacks:
             lines.append(
                 f"  {st['layer_type']:<20} layers {st['layers']}: group rank {st['group_rank_frobenius']}, "

@@ -12,10 +12,11 @@ and taking root-mean-squares over x (Minkowski), with ``a_0 = sqrt(tr Σ)``, ``�
     sqrt(E ||f(x) - f̄(x)||²) <= Σ_i [ prod_{k>i} (||W̄_k||_2 + ε_k) ] ε_i a_{i-1},
     a_i = ||W̄_i||_2 a_{i-1} + ||b̄_i||.
 
-This is the paper's bound in a slightly sharper, self-derived form (spectral instead of Frobenius norms,
-a product of per-layer factors instead of a power of their maximum, RMS instead of mean error); it holds for
-the construction on inputs where the bypassed ReLUs stay on (see :mod:`lorakit.theory.fnn`). It is zero at
-the threshold and non-increasing in R. For L̄ = 1 and Σ = I it reads ``σ_{RL+1}(E) sqrt(D)``.
+This is a self-derived bound in the spirit of the paper's (spectral instead of Frobenius norms, a product
+of per-layer factors instead of a power of their maximum, ``sqrt(tr Σ)`` for the input scale, RMS instead of
+mean error); it is not uniformly sharper than the paper's, whose exact constants NOTES.md leaves open. It
+holds for the construction on inputs where the bypassed ReLUs stay on (see :mod:`lorakit.theory.fnn`). It is
+zero at the threshold and non-increasing in R. For L̄ = 1 and Σ = I it reads ``σ_{RL+1}(E) sqrt(D)``.
 """
 
 from __future__ import annotations

@@ -155,5 +155,5 @@ def construct_fnn(
             z = torch.relu(pre) if frozen.applies_relu(l) else pre
         start += size
     model = FNN([w + b @ a for w, b, a in zip(weights, B_all, A_all, strict=True)], biases, frozen.last_relu)
-    ranks = group_ranks(weights, [w.to(dtype) for w in target.weights], sizes)
+    ranks = group_ranks(frozen.weights, target.weights, sizes)  # their own dtypes set the round-off
     return FNNConstruction(model, B_all, A_all, sizes, ranks, bypass, int(rank), spectra)

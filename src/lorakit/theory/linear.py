@@ -192,11 +192,12 @@ def adapted_product(frozen: Sequence[Tensor], deltas: Sequence[Tensor]) -> Tenso
 
 
 def linear_threshold(frozen: Sequence[Tensor], target: Tensor, rtol: float | None = None) -> int:
-    """Smallest R with exact representation: ``ceil(rank(E) / L)`` (numerical rank of E)."""
-    from lorakit.theory.rank import numerical_rank
+    """Smallest R with exact representation: ``ceil(rank(E) / L)``, E's numerical rank taken against the
+    round-off of the weights (:func:`lorakit.theory.rank.residual_rank`)."""
+    from lorakit.theory.rank import residual_rank
 
-    mats, target = _as_matrices(frozen, target, torch.float64)
-    return math.ceil(numerical_rank(target - product(mats), rtol=rtol) / len(mats))
+    _as_matrices(frozen, target, torch.float64)  # validates the shapes
+    return math.ceil(residual_rank(target, frozen, rtol=rtol) / len(frozen))
 
 
 def gaussian_mse(singular_values: Tensor, num_directions: int, width: int | None = None) -> float:

@@ -10,6 +10,10 @@ every rank is <= D it needs at most ``ceil(D / M)``, the paper's headline "width
 (``ceil(D L̄ / L)``, which equals ``ceil(D / M)`` when L̄ divides L). A better partition puts more layers
 where the frozen group is far from its target layer; :func:`best_partition` finds the consecutive
 partition minimising the required rank by dynamic programming.
+
+Ranks of ``W̄_i - prod W_l`` are numerical ranks taken against the round-off of the two operands
+(:func:`residual_rank`), so a target stored in float32, or one that differs from the frozen product by a
+small change, is not credited with rank for its rounding noise.
 """
 
 from __future__ import annotations
@@ -35,6 +39,26 @@ def numerical_rank(matrix: Tensor, rtol: float | None = None) -> int:
     if rtol is None:
         rtol = max(matrix.shape) * torch.finfo(matrix.dtype).eps
     return int((rtol * S[0] < S).sum())
+
+
+def residual_rank(target: Tensor, frozen: Sequence[Tensor], rtol: float | None = None) -> int:
+    """Numerical rank of ``E = W̄ - W_L ... W_1`` (``frozen = [W_1, ..., W_L]``), computed in float64.
+
+    E is a difference of two larger matrices, so its round-off is about ``eps · max(‖W̄‖₂, ‖∏W‖₂)`` however
+    small E is: singular values of E count when above ``rtol · max(‖W̄‖₂, ‖∏W‖₂)``. ``rtol`` defaults to
+    ``D · eps`` of the coarsest dtype the weights come in (float32 weights carry float32 rounding even when
+    analysed in float64), the LAPACK ``matrix_rank`` rule applied to the operands' scale.
+    """
+    tensors = [torch.as_tensor(target), *(torch.as_tensor(w) for w in frozen)]
+    if rtol is None:
+        eps = max(torch.finfo(t.dtype if t.is_floating_point() else torch.float64).eps for t in tensors)
+        rtol = max(tensors[0].shape) * eps
+    wanted = tensors[0].detach().to(torch.float64)
+    frozen_product = product([w.detach().to(torch.float64) for w in tensors[1:]])
+    scale = max(float(torch.linalg.matrix_norm(m, ord=2)) for m in (wanted, frozen_product))
+    if scale == 0.0:
+        return 0
+    return int((torch.linalg.svdvals(wanted - frozen_product) > rtol * scale).sum())
 
 
 def headline_rank(width: int, target_depth: int, frozen_depth: int) -> int:
@@ -71,7 +95,7 @@ def _weights(model: Sequence[Tensor] | object, what: str) -> list[Tensor]:
     weights = list(weights() if callable(weights) else weights)
     if not weights:
         raise ValueError(f"{what}: expected a non-empty list of D x D weight matrices or an FNN")
-    return [torch.as_tensor(w).detach().to(torch.float64) for w in weights]
+    return [torch.as_tensor(w).detach() for w in weights]  # dtypes kept: residual_rank reads their eps
 
 
 def _validate_partition(sizes: Sequence[int], frozen_depth: int, target_depth: int) -> list[int]:
@@ -90,12 +114,15 @@ def group_ranks(
     partition: Sequence[int],
     rtol: float | None = None,
 ) -> list[int]:
-    """``rank(W̄_i - prod_{l in P_i} W_l)`` per group of a consecutive partition (given by group sizes)."""
+    """``rank(W̄_i - prod_{l in P_i} W_l)`` per group of a consecutive partition (given by group sizes).
+
+    Numerical ranks by :func:`residual_rank` (``rtol`` relative to the operands' spectral norm).
+    """
     frozen_w, target_w = _weights(frozen, "frozen"), _weights(target, "target")
     sizes = _validate_partition(partition, len(frozen_w), len(target_w))
     ranks, start = [], 0
     for i, size in enumerate(sizes):
-        ranks.append(numerical_rank(target_w[i] - product(frozen_w[start : start + size]), rtol=rtol))
+        ranks.append(residual_rank(target_w[i], frozen_w[start : start + size], rtol=rtol))
         start += size
     return ranks
 
@@ -137,8 +164,7 @@ def best_partition(
 
     @cache
     def cost(i: int, start: int, stop: int) -> int:
-        residual = target_w[i] - product(frozen_w[start:stop])
-        return math.ceil(numerical_rank(residual, rtol=rtol) / (stop - start))
+        return math.ceil(residual_rank(target_w[i], frozen_w[start:stop], rtol=rtol) / (stop - start))
 
     @cache
     def solve(i: int, start: int) -> tuple[int, tuple[int, ...]]:
