@@ -36,6 +36,9 @@ def atomic_write(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     text = {} if "b" in mode else {"encoding": encoding, "newline": newline}
     try:
+        # mkstemp creates the file 0600; give it the permissions open() would (0666 less the umask), or
+        # the existing file's, so results stay readable to whoever could read them before
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, mode, **text) as handle:
             yield handle
             handle.flush()
@@ -45,6 +48,15 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
