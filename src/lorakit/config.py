@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,8 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def _names(name: str, value: Any, allow_all_linear: bool = False) -> str | tuple[str, ...]:
+    if value is None and not allow_all_linear:  # PEFT configs write None for "no modules"
+        return ()
     if isinstance(value, str):
         if allow_all_linear and value == "all-linear":
             return value
@@ -155,4 +158,12 @@ def _names(name: str, value: Any, allow_all_linear: bool = False) -> str | tuple
         )
     if "all-linear" in value:
         raise ValueError(f"LoraConfig.{name}: 'all-linear' must be given alone, not inside a list")
+    for entry in value:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as error:
+                raise ValueError(
+                    f"LoraConfig.{name}: {entry!r} is not a valid regular expression ({error})"
+                ) from error
     return tuple(value)

@@ -24,6 +24,7 @@ group except 1-D parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,10 +43,12 @@ def param_groups(
     one_d_lr: str = "a",
 ) -> list[dict[str, Any]]:
     """Parameter groups for LoRA+ (see the module table); empty groups are omitted."""
-    if not lr > 0:
-        raise ValueError(f"param_groups: lr must be positive, got {lr!r}")
-    if not ratio > 0:
-        raise ValueError(f"param_groups: ratio (η_B/η_A) must be positive, got {ratio!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"param_groups: lr must be a positive finite number, got {lr!r}")
+    if not (ratio > 0 and math.isfinite(ratio * lr)):
+        raise ValueError(f"param_groups: ratio (η_B/η_A) must be positive and ratio·lr finite, got {ratio!r}")
+    if embedding_lr is not None and not (embedding_lr >= 0 and math.isfinite(embedding_lr)):
+        raise ValueError(f"param_groups: embedding_lr must be a finite number >= 0, got {embedding_lr!r}")
     if one_d_lr not in ("a", "b"):
         raise ValueError(f"param_groups: one_d_lr must be 'a' or 'b', got {one_d_lr!r}")
     embedding_lr = 1e-6 if embedding_lr is None else embedding_lr

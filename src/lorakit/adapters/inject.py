@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from lorakit.adapters.init import initialise
 from lorakit.adapters.layers import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.config import LoraConfig
 from lorakit.utils import named_generator
+
+logger = logging.getLogger(__name__)
 
 # Output heads that "all-linear" leaves alone (PEFT excludes the output embedding; we also keep task
 # heads out, since they are usually trained in full through ``modules_to_save``).
@@ -68,22 +71,41 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+def _read_by_parent(modules: dict[str, nn.Module], name: str) -> bool:
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` itself instead of calling ``out_proj``, so a
+    LoRA layer put there would be skipped silently."""
+    parent = modules.get(name.rpartition(".")[0])
+    return isinstance(parent, nn.MultiheadAttention)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Paths of the modules ``config`` adapts; a clear error if none match or a match is unsupported."""
+    """Paths of the modules ``config`` adapts; a clear error if none match or a match is unsupported.
+
+    Modules inside a ``modules_to_save`` module are never adapted (as in PEFT): that module is trained and
+    saved in full.
+    """
     names = [name for name, _ in model.named_modules() if name]
     modules = dict(model.named_modules())
     excluded = {n for n in names if any(name_matches(n, p) for p in config.exclude)}
-    excluded |= {n for n in names if any(name_matches(n, p) for p in config.modules_to_save)}
+    saved = {n for n in names if any(name_matches(n, p) for p in config.modules_to_save)}
+    excluded |= {n for n in names if n in saved or any(n.startswith(m + ".") for m in saved)}
     if config.targets == "all-linear":
         heads = _output_head_names(model)
-        return [
+        found = [
             n
             for n in names
             if n not in excluded
             and n not in heads
             and layer_class_for(modules[n]) in (LoraLinear, LoraConv1D)
             and not isinstance(modules[n], LoraLayer)
+            and not _read_by_parent(modules, n)
         ]
+        if not found:
+            raise ValueError(
+                f"LoraConfig.targets 'all-linear' matched no module of {type(model).__name__}: it has no "
+                "torch.nn.Linear or GPT-2 Conv1D outside its output heads, exclude and modules_to_save"
+            )
+        return found
     matched = [n for n in names if n not in excluded and any(name_matches(n, p) for p in config.targets)]
     # Inside an already-adapted layer, "base_layer" is not a target of its own.
     matched = [n for n in matched if not isinstance(modules.get(n.rsplit(".", 1)[0]), LoraLayer)]
@@ -99,6 +121,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for name in matched:
         if isinstance(modules[name], LoraLayer):
             raise ValueError(f"module '{name}' already has a LoRA adapter; call lorakit.unload(model) first")
+        if _read_by_parent(modules, name):
+            raise ValueError(
+                f"module '{name}' is the output projection of a torch.nn.MultiheadAttention, whose forward "
+                "reads its weight directly: an adapter there would never run (exclude it from the targets)"
+            )
         if layer_class_for(modules[name]) is None:
             raise ValueError(
                 f"module '{name}' matched LoraConfig.targets but is a {type(modules[name]).__name__}; "
@@ -122,7 +149,15 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     config: injecting into a model that already has adapters is an error (``unload`` it first).
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"inject: expected a lorakit.LoraConfig, got {type(config).__name__}")
+        kind = type(config)
+        raise TypeError(
+            f"inject: expected a lorakit.LoraConfig, got {kind.__module__}.{kind.__qualname__}"
+            + (
+                "; build a lorakit.LoraConfig (lorakit.load reads PEFT checkpoints)"
+                if "peft" in kind.__module__
+                else ""
+            )
+        )
     adapted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
     if adapted:
         # A second call would freeze the first call's factors and leave model.lora_config (what checkpoints
@@ -132,9 +167,10 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             f"'{adapted[0]}'; one LoraConfig describes all of a model's adapters (list every target in it, "
             "with rank_pattern/alpha_pattern for per-module ranks), or call lorakit.unload(model) first"
         )
+    # Everything that can fail is checked before the model is touched, so a bad config leaves it as it was.
     targets = find_targets(model, config)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    saved = _modules_to_save(model, config)
+    plans = []
     for name in targets:
         base = model.get_submodule(name)
         r = int(_first_match(name, config.rank_pattern) or config.r)
@@ -143,6 +179,11 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         smallest = min(layer_cls.features_of(base))
         if r > smallest:
             raise ValueError(f"module '{name}': rank r={r} exceeds its smallest dimension {smallest}")
+        plans.append((name, base, r, alpha, layer_cls))
+    _turn_off_transformer_fastpath(model, targets)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, base, r, alpha, layer_cls in plans:
         layer = layer_cls(
             base,
             r=r,
@@ -164,11 +205,29 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             embedding=layer_cls is LoraEmbedding,
         )
         _set_submodule(model, name, layer)
-    for name in _modules_to_save(model, config):
+    for name in saved:
         for parameter in model.get_submodule(name).parameters():
             parameter.requires_grad_(True)
     model.lora_config = config
     return model
+
+
+def _turn_off_transformer_fastpath(model: nn.Module, targets: Sequence[str]) -> None:
+    """torch's ``TransformerEncoderLayer`` inference fast path reads ``linear1.weight``/``linear2.weight``
+    directly instead of calling the layers, which would skip their adapters without a word; turn it off
+    (process-wide, logged) when an adapter sits inside one."""
+    encoder_layers = [name for name, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    inside = [t for t in targets if any(e == "" or t.startswith(e + ".") for e in encoder_layers)]
+    if not inside:
+        return
+    if torch.backends.mha.get_fastpath_enabled():
+        torch.backends.mha.set_fastpath_enabled(False)
+        logger.warning(
+            "lorakit: adapters inside torch.nn.TransformerEncoderLayer (e.g. '%s'); turned off torch's "
+            "Transformer inference fast path (torch.backends.mha.set_fastpath_enabled(False)), which reads "
+            "the layers' weights directly and would skip the adapters",
+            inside[0],
+        )
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

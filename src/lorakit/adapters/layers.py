@@ -11,6 +11,10 @@ is bf16/fp16; the forward casts the r-sized factors to the activation dtype and 
 A factor is either an ``nn.Parameter`` (trainable) or a registered buffer (frozen). A frozen factor is
 therefore invisible to ``model.parameters()``, optimizers and ``requires_grad_``: nothing can unfreeze
 it by accident (PEFT's ``set_adapter`` re-enables grads on a hand-frozen ``lora_A``).
+
+The factors stay float32 when the model is cast to bf16/fp16 after injection (``model.to(torch.bfloat16)``,
+``model.half()``): a cast below float32 moves them to the new device only. ``.weight`` and ``.bias`` read
+through to the base layer, for code that reads a layer's weight directly (weight tying, initialisers).
 """
 
 from __future__ import annotations
@@ -74,6 +78,30 @@ class LoraLayer(nn.Module):
             self.register_parameter(name, nn.Parameter(value))
         else:
             self.register_buffer(name, value.detach())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (frozen; the adapter's update is not in it unless merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, if any."""
+        return getattr(self.base_layer, "bias", None)
+
+    def _apply(self, fn, recurse: bool = True):
+        # A dtype cast below float32 would round the master factors, and optimizer updates smaller than
+        # their bf16 ulp would be lost; move the factors (and their grads) to the new device only.
+        probe = fn(torch.empty(0, device=self.lora_A.device))
+        if probe.dtype not in (torch.float16, torch.bfloat16):
+            return super()._apply(fn, recurse)
+        factors = [self.lora_A, self.lora_B]
+        keep = {id(t) for t in factors} | {id(t.grad) for t in factors if t.grad is not None}
+
+        def cast_others(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device=probe.device) if id(tensor) in keep else fn(tensor)
+
+        return super()._apply(cast_others, recurse)
 
     @property
     def train_a(self) -> bool:
