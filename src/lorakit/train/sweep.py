@@ -13,7 +13,14 @@ returns a dict of metrics. :func:`run_sweep` runs every pending cell
 Resumable: each finished cell is written atomically to ``OUT/cells/<cell id>.json`` by the driver as soon
 as it completes, so after a crash or Ctrl-C a rerun skips every recorded cell. A cell whose function
 raised is recorded with ``status="failed"`` and runs again on the next call; a diverged training run is a
-result (``status="diverged"``, metric NaN) and is not rerun.
+result (``status="diverged"``, metric NaN) and is not rerun. A rerun whose function or context (the
+settings shared by every cell, e.g. the base fine-tuning config) differs from the one recorded in
+``OUT/sweep_config.json`` stops with an error naming the differing settings, so that results of two
+settings are never mixed (adding cells to the grid is fine).
+
+Direction: the reports rank by ``metric``; for the generic ``"metric"`` key, which a cell function fills
+with its task's main metric and names in ``main_metric`` (``finetune_cell`` does), the direction is that
+metric's (:func:`lorakit.train.metrics.higher_is_better`: lower is better for a loss or perplexity).
 
 Outputs (:func:`write_reports`): ``cells.csv`` (one row per cell), ``grid.csv`` (mean/std over seeds per
 (η_A, η_B, rank)), one heatmap PNG + JSON per rank and per plotted quantity with the η_A = η_B diagonal
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import logging
 import math
 import multiprocessing
@@ -60,8 +68,10 @@ __all__ = [
     "SweepResult",
     "aggregate",
     "cell_id",
+    "compared_metric",
     "expand_grid",
     "finetune_cell",
+    "finetune_context",
     "load_cells",
     "plot_heatmap",
     "run_sweep",
@@ -72,6 +82,7 @@ __all__ = [
 
 BACKENDS = ("local", "ray")
 CELLS_DIR = "cells"
+CONFIG_FILE = "sweep_config.json"
 GROUP_KEYS = ("eta_a", "eta_b", "rank")
 CellFunction = Callable[..., Mapping[str, Any]]
 
@@ -218,8 +229,13 @@ def run_sweep(
     """Run every cell not already recorded in ``out`` and write the reports.
 
     ``fn`` is a function or, for the process pool and Ray, preferably ``"module:function"``; it is called as
-    ``fn(cell, **context)`` and returns a metrics dict (optionally with ``status``). ``metric`` names the
-    metric the heatmap and the top-k statistic rank by (higher is better unless it is a loss).
+    ``fn(cell, **context)`` and returns a metrics dict (optionally with ``status``, and ``main_metric``: the
+    name of the metric its ``"metric"`` value is). ``metric`` names the metric the heatmap and the top-k
+    statistic rank by; its direction is that of the metric it stands for (:func:`compared_metric`).
+
+    ``context`` must hold what the cells need as the workers see it: for Ray, absolute paths (see
+    :func:`finetune_context`). If ``out`` already records finished cells, ``fn`` and ``context`` must be the
+    ones recorded in ``out/sweep_config.json``; otherwise a ``ValueError`` names the differing settings.
     """
     if backend not in BACKENDS:
         raise ValueError(f"sweep backend: expected one of {BACKENDS}, got {backend!r}")
@@ -231,12 +247,12 @@ def run_sweep(
     if len(set(ids)) != len(ids):
         raise ValueError("sweep: two cells have the same hyper-parameters (ids must be unique)")
     done = {r["id"] for r in load_cells(out) if r.get("status") != "failed"}
+    config = {"cells": [dict(c) for c in cells], "context": context, "fn": _fn_name(fn), "metric": metric}
+    if done:
+        _check_same_settings(out, config, len(done))
     pending = [(cid, dict(c)) for cid, c in zip(ids, cells, strict=True) if cid not in done]
     result = SweepResult(str(out), [], skipped=[cid for cid in ids if cid in done])
-    atomic_write_json(
-        out / "sweep_config.json",
-        {"cells": [dict(c) for c in cells], "context": context, "fn": _fn_name(fn), "metric": metric},
-    )
+    atomic_write_json(out / CONFIG_FILE, config)
     if result.skipped:
         logger.info(
             "sweep: %d of %d cells already recorded in %s; skipping them", len(result.skipped), len(ids), out
@@ -266,6 +282,72 @@ def run_sweep(
 
 def _fn_name(fn: str | CellFunction) -> str:
     return fn if isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
+
+
+# Settings of finetune_cell's base config that it overrides in every cell: a change in them changes no result.
+_NO_EFFECT_SETTINGS = frozenset({"base.out", "base.resume", "base.progress"})
+# Settings holding a path: a relative one recorded by an older sweep equals its absolute form.
+_PATH_SETTINGS = frozenset({"data", "eval_data", "model", "runs", "data_root"})
+_ABSENT = object()
+
+
+def _check_same_settings(out: Path, config: Mapping[str, Any], recorded: int) -> None:
+    """Raise ``ValueError`` if ``fn`` or the context differ from those the recorded cells ran with."""
+    path = out / CONFIG_FILE
+    if not path.exists():
+        logger.warning(
+            "sweep: %s has recorded cells but no %s; cannot check their settings", out, CONFIG_FILE
+        )
+        return
+    saved = read_json(path)
+    given = json.loads(json.dumps({"fn": config["fn"], **config["context"]}, default=str))
+    before = _flatten({"fn": saved.get("fn"), **(saved.get("context") or {})})
+    after = _flatten(given)
+    differ = []
+    for key in sorted(set(before) | set(after)):
+        if key in _NO_EFFECT_SETTINGS:
+            continue
+        old, new = before.get(key, _ABSENT), after.get(key, _ABSENT)
+        if not _same_setting(key, old, new):
+            differ.append(f"  {key}: saved {_show(old)}, given {_show(new)}")
+    if differ:
+        raise ValueError(
+            f"sweep {out}: {recorded} recorded cell(s) ran with other settings than these "
+            f"({path} holds the saved ones):\n" + "\n".join(differ) + "\n"
+            "Results of different settings are not mixed in one sweep folder: use a new output folder "
+            "(--out) for the new settings, or rerun with the saved settings to resume this sweep. "
+            "Nothing was changed or deleted."
+        )
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    if old is not _ABSENT and new is not _ABSENT and old == new:
+        return True
+    if old is _ABSENT or new is _ABSENT:
+        # A setting one side lacks (a field another lorakit version added) matches an unset one.
+        return all(v is _ABSENT or v is None or v is False for v in (old, new))
+    if key.rsplit(".", 1)[-1] in _PATH_SETTINGS and isinstance(old, str) and isinstance(new, str):
+        return _absolute(old) == _absolute(new)
+    return False
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is _ABSENT else json.dumps(value, default=str)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _run_pool(
@@ -407,17 +489,48 @@ def top_k_ratio(
     }
 
 
+def compared_metric(records: Sequence[Mapping[str, Any]], metric: str = "metric") -> str:
+    """The metric that ``metric`` ranks by: for the generic ``"metric"``, the ``main_metric`` the cells
+    recorded (e.g. ``"loss"`` for a causal LM, ``"accuracy"``), else ``metric`` itself. Its direction is
+    ``higher_is_better(compared_metric(...))``. Main metrics that go opposite ways raise ``ValueError``.
+    """
+    if metric != "metric":
+        return metric
+    names = sorted(
+        {
+            str(r["metrics"]["main_metric"])
+            for r in records
+            if r.get("status") != "failed" and (r.get("metrics") or {}).get("main_metric")
+        }
+    )
+    if not names:
+        return metric
+    if len({higher_is_better(n) for n in names}) > 1:
+        raise ValueError(
+            f"sweep: the cells' main metrics {names} are not all better in the same direction; "
+            "rank by one of the recorded eval_<name> metrics instead (metric='eval_<name>')"
+        )
+    return "/".join(names)
+
+
 def write_reports(
     out: str | os.PathLike, records: Sequence[Mapping[str, Any]], metric: str = "metric", top_k: int = 4
 ) -> dict[str, Any]:
-    """Write ``cells.csv``, ``grid.csv``, the heatmaps and ``sweep.json``; returns the ``sweep.json`` data."""
+    """Write ``cells.csv``, ``grid.csv``, the heatmaps and ``sweep.json``; returns the ``sweep.json`` data.
+
+    Cells are ranked by ``metric`` in the direction of :func:`compared_metric` (``sweep.json`` records its
+    name as ``main_metric`` and the direction as ``higher_is_better``).
+    """
     out = Path(out)
+    main = compared_metric(records, metric)
+    higher = higher_is_better(main)
+    label = metric if main == metric else f"{metric} ({main})"
     _write_cells_csv(out / "cells.csv", records)
     rows = aggregate(records, metric)
     _write_rows_csv(out / "grid.csv", rows)
-    higher = higher_is_better(metric)
     summary: dict[str, Any] = {
         "metric": metric,
+        "main_metric": main,
         "higher_is_better": higher,
         "cells": len(records),
         "ranks": {},
@@ -438,7 +551,7 @@ def write_reports(
         }
         if has_grid:
             entry["heatmap"] = plot_heatmap(
-                part, "mean", out / f"heatmap_{_safe(metric)}{tag}.png", metric, higher
+                part, "mean", out / f"heatmap_{_safe(metric)}{tag}.png", label, higher
             )
             if any(math.isfinite(r["train_loss"]) for r in part):
                 entry["heatmap_train_loss"] = plot_heatmap(
@@ -572,6 +685,34 @@ def synthetic_cell(
     return {"metric": value, "train_loss": 1.0 - value}
 
 
+_CONFIG_PATHS = ("data", "eval_data", "model")
+
+
+def local_path(value: str | os.PathLike | None) -> str | None:
+    """``value`` as an absolute path if it is one or names an existing file or folder from this process's
+    working directory; otherwise (``None``, a hub model or dataset name) ``value`` unchanged."""
+    if value is None:
+        return None
+    text = os.path.expanduser(os.fspath(value))
+    if os.path.isabs(text) or os.path.exists(text):
+        return os.path.abspath(text)
+    return os.fspath(value)
+
+
+def finetune_context(base: Any, out: str | os.PathLike, method: str = "lora") -> dict[str, Any]:
+    """The ``context`` of a :func:`finetune_cell` sweep writing to ``out``, with every path absolute.
+
+    ``base`` is a ``FinetuneConfig`` or its ``to_dict()``. ``data``, ``eval_data`` and ``model`` are resolved
+    against this (the driver's) working directory when they name a local path (:func:`local_path`), and the
+    run folders go to ``<out>/runs`` as an absolute path, so a Ray or pool worker with another working
+    directory reads the same files and writes where the driver records.
+    """
+    config = dict(base.to_dict() if hasattr(base, "to_dict") else base)
+    for name in _CONFIG_PATHS:
+        config[name] = local_path(config.get(name))
+    return {"base": config, "runs": _absolute(os.fspath(Path(out) / "runs")), "method": method}
+
+
 def finetune_cell(
     cell: Mapping[str, Any],
     base: Mapping[str, Any],
@@ -581,7 +722,10 @@ def finetune_cell(
 ) -> dict[str, Any]:
     """One cell as a :func:`lorakit.train.finetune` run in ``runs/<cell id>``.
 
-    ``base`` is a ``FinetuneConfig.to_dict()``. Cell keys: ``eta_a`` → ``method.lr`` and ``eta_b`` →
+    ``base`` is a ``FinetuneConfig.to_dict()``; the worker resolves relative paths in it and ``runs`` against
+    its own working directory, so build the context with :func:`finetune_context` (absolute paths) when the
+    cells run elsewhere (Ray). ``data_root``: the folder a relative ``data`` cell key is joined to (e.g. a
+    ``data`` axis of task names). Cell keys: ``eta_a`` → ``method.lr`` and ``eta_b`` →
     ``method.ratio = η_B/η_A`` (η_B = ratio·η_A, as LoRA+ parametrises it; without them the preset's rates
     apply), ``rank``, ``method`` (preset name or ``NAME:key=value``), ``seed``, ``data`` (joined to
     ``data_root`` when relative); any other key must be a ``FinetuneConfig`` field. Returns the main eval
