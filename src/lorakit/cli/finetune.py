@@ -4,9 +4,12 @@ and score a saved adapter on other data (see :mod:`lorakit.train`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,55 @@ METHOD_NAMES = ("lora", "loraplus", "asym", "freeze-b", "full", "head")
 # they agree); spelled out so that building the parser does not import lorakit.train (seconds on a busy CPU).
 PRESET_LRS = "lora 8e-3, loraplus 5e-4 (eta_B = 16 x eta_A), asym 8e-3, freeze-b 1e-3, full 5e-5, head 2e-3"
 TWEETS_SIZES = "1,500 train / 500 eval"
+
+# `lorakit finetune` options (argparse dest) -> the FinetuneConfig field each sets ("method.x": a MethodSpec
+# field). Their parser defaults are None, so that run_finetune can tell the options given from those left
+# out: with --resume, those left out come from the run's saved config.json.
+FINETUNE_OPTIONS = {
+    "method": "method.method",
+    "rank": "method.rank",
+    "alpha": "method.alpha",
+    "targets": "method.targets",
+    "init": "method.init",
+    "lr": "method.lr",
+    "ratio": "method.ratio",
+    "dropout": "method.dropout",
+    "rslora": "method.scaling",
+    **{
+        name: name
+        for name in (
+            "data",
+            "eval_data",
+            "text_cols",
+            "label_col",
+            "task",
+            "labels",
+            "eval_fraction",
+            "max_train_samples",
+            "max_eval_samples",
+            "max_length",
+            "model",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "eval_batch_size",
+            "grad_accum",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "eval_every",
+            "log_every",
+            "save_every",
+            "precision",
+            "seed",
+            "diagnostics_every",
+            "diagnostics_curvature",
+        )
+    },
+    "no_progress": "progress",
+}
+# Options that only change what is shown: a resumed run may differ from its saved config in them.
+DISPLAY_OPTIONS = ("no_progress",)
 
 
 def _positive_int(text: str) -> int:
@@ -246,7 +298,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     finetune.add_argument("--out", default=None, help="run folder (default runs/<task>-<method>-s<seed>)")
     finetune.add_argument(
-        "--resume", action="store_true", help="continue from the run folder's last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's last checkpoint with the settings saved in its config.json "
+        "(options left out come from there; an option given must match it)",
     )
     finetune.add_argument(
         "--diagnostics-every",
@@ -260,7 +315,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="on measured steps also record the curvature terms curv1/curv2 for "
         "`lorakit diagnose RUN --criterion curvature` (four extra forward/backward passes per measured step)",
     )
-    finetune.set_defaults(func=run_finetune)
+    defaults = {dest: finetune.get_default(dest) for dest in FINETUNE_OPTIONS}
+    finetune.set_defaults(func=run_finetune, finetune_defaults=defaults, **dict.fromkeys(FINETUNE_OPTIONS))
 
     compare = subparsers.add_parser(
         "compare",
@@ -352,19 +408,19 @@ def _raise_as_user_error(error: BaseException) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from lorakit.train.run import finetune
 
+    given = {dest for dest in FINETUNE_OPTIONS if getattr(args, dest, None) is not None}
+    for dest, default in getattr(args, "finetune_defaults", {}).items():
+        if dest not in given:
+            setattr(args, dest, default)
+    config = None
     try:
-        config = _base_config(
-            args,
-            args.method,
-            seed=args.seed,
-            out=args.out,
-            resume=args.resume,
-            diagnostics_every=args.diagnostics_every,
-            diagnostics_curvature=args.diagnostics_curvature,
-        )
-        summary = finetune(config)
+        config, task = _finetune_config(args, given)
+        summary = finetune(config, task=task)
     except _user_errors() as error:
         _raise_as_user_error(error)
+    except KeyboardInterrupt:
+        _report_interrupt(config.out if config is not None else args.out)
+        return 130
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in summary.final_metrics.items())
     print(f"{summary.method} on {summary.task}: {metrics}")
     best = (summary.best_metrics or {}).get(summary.main_metric, float("nan"))
@@ -376,6 +432,113 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     print(f"run folder: {summary.run_dir} (adapter in {summary.run_dir}/adapter)")
     return 0
+
+
+def _finetune_config(args: argparse.Namespace, given: set[str]) -> tuple[Any, Any]:
+    """The run's FinetuneConfig (its ``out`` always set) and its task when already loaded (else None).
+
+    With --resume the run folder's saved config is the source of truth: options left out take its values,
+    and an option given with another value is an error naming it (display options excepted).
+    """
+    from lorakit.train.run import default_run_dir, load_config_task
+
+    config = _base_config(
+        args,
+        args.method,
+        seed=args.seed,
+        out=args.out,
+        resume=args.resume,
+        diagnostics_every=args.diagnostics_every,
+        diagnostics_curvature=args.diagnostics_curvature,
+    )
+    task = None
+    if config.out is None:  # the default folder is named after the task: load it here, and only once
+        task = load_config_task(config)
+        config = dataclasses.replace(config, out=str(default_run_dir(config, task.name)))
+    if not args.resume:
+        return config, task
+    resumed = _resumed_config(args, given, config.out)
+    same_data = all(getattr(resumed, name) == getattr(config, name) for name in _TASK_FIELDS)
+    return resumed, task if same_data else None
+
+
+# The FinetuneConfig fields that decide the loaded task (see lorakit.train.run.load_config_task).
+_TASK_FIELDS = (
+    "data",
+    "eval_data",
+    "text_cols",
+    "label_col",
+    "task",
+    "labels",
+    "eval_fraction",
+    "seed",
+    "tweets_train",
+    "tweets_eval",
+)
+
+
+def _resumed_config(args: argparse.Namespace, given: set[str], out: str) -> Any:
+    """The saved config of the run in ``out``, checked against the options given (see --resume)."""
+    from lorakit.cli import LorakitError
+    from lorakit.train.run import CONFIG_FILE, FinetuneConfig, RunFolder, settings_equal
+
+    run = RunFolder(out)
+    where = run.path / CONFIG_FILE
+    if not where.is_file():
+        raise FileNotFoundError(f"--resume: {where} not found: {run.path} holds no lorakit run to continue")
+    try:
+        saved = FinetuneConfig.from_dict(run.read_config()["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise LorakitError(f"--resume: {where}: cannot read the saved config ({error})") from error
+    conflicts = []
+    for dest in sorted(given - set(DISPLAY_OPTIONS), key=list(FINETUNE_OPTIONS).index):
+        name = FINETUNE_OPTIONS[dest]
+        value = _config_value(dest, getattr(args, dest))
+        if name.startswith("method."):
+            before = getattr(saved.method, name.partition(".")[2])
+        else:
+            before = getattr(saved, name)
+        if not settings_equal(name.rpartition(".")[2], before, value):
+            option = "--" + dest.replace("_", "-")
+            conflicts.append(f"{option}: saved {_shown(before)}, given {_shown(value)}")
+    if conflicts:
+        raise LorakitError(
+            f"--resume continues {run.path} with the settings saved in {where}, and these options differ "
+            f"from them: {'; '.join(conflicts)}. Leave them out to continue the run, or start a new run "
+            "with another --out"
+        )
+    return dataclasses.replace(saved, out=out, resume=True, progress=not args.no_progress)
+
+
+def _config_value(dest: str, value: Any) -> Any:
+    """An option's value as its FinetuneConfig field holds it."""
+    if dest == "rslora":
+        return "rslora" if value else "standard"
+    if dest == "no_progress":
+        return not value
+    return value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "''"
+    return repr(value)
+
+
+def _report_interrupt(out: str | None) -> None:
+    """One line on Ctrl-C: where the last checkpoint is and how to continue from it."""
+    from lorakit.train.run import RunFolder
+
+    latest = RunFolder(out).latest_checkpoint() if out else None
+    if latest is None:
+        message = "interrupted before the first checkpoint; nothing to resume (rerun to start again)"
+    else:
+        step = latest.name.rpartition("-")[2].lstrip("0") or "0"
+        message = (
+            f"interrupted; the last checkpoint is {latest} (step {step}); continue with: "
+            f"lorakit finetune --out {shlex.quote(str(out))} --resume"
+        )
+    print(f"lorakit finetune: {message}", file=sys.stderr)
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -9,6 +9,12 @@ Run folder layout::
                                          trainer_state.pt (optimizer, scheduler, RNG, step)
     RUN/adapter/            the final adapter in PEFT format (full/head: trainable.safetensors + config)
     RUN/summary.json        best/final metrics, train samples/s, peak memory, trainable params, wall time
+    RUN/diagnostics.jsonl   with ``diagnostics_every``: LoRA+ δ¹/δ² records (lorakit.analysis.diagnostics)
+
+A fresh run in a folder holding an earlier run first removes that run's files (all of the above, and the
+``eval-*.json`` files ``evaluate_run`` wrote), so nothing stale outlives an interrupted rerun. A resumed run
+(``resume=True``) keeps the saved config as the source of truth: a config differing from it in any field
+that defines the run (all but ``out``, ``resume`` and ``progress``) is refused before any file is written.
 
 Every file is written through ``lorakit.utils.atomic_write*``, except that ``metrics.jsonl`` (and
 ``diagnostics.jsonl``) grows by appended lines (``lorakit.utils.JsonlLog``: one line of I/O per record; a
@@ -20,6 +26,7 @@ Only the main process writes; all processes load on ``resume``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -48,6 +55,23 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+DIAGNOSTICS_FILE = "diagnostics.jsonl"  # lorakit.analysis.diagnostics.DIAGNOSTICS_FILE
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+# What a run writes into its folder (globs): a fresh run in the folder removes an earlier run's.
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    DIAGNOSTICS_FILE,
+    SUMMARY_FILE,
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    "eval-*.json",
+)
+# FinetuneConfig fields that do not define a run (where its folder is, whether this call resumes it,
+# display): a resume may change them; every other field must equal the saved config's.
+NON_RUN_FIELDS = ("out", "resume", "progress")
+PATH_FIELDS = ("data", "eval_data", "model")  # equal when both name the same existing file or folder
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -157,6 +181,52 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def settings_equal(name: str, saved: Any, given: Any) -> bool:
+    """Whether a saved config value and a given one are the same setting of field ``name``.
+
+    Values compare as JSON (a tuple equals a list); ``data``, ``eval_data`` and ``model`` are also equal
+    when both name the same existing file or folder (a relative and an absolute spelling).
+    """
+    saved, given = _plain(saved), _plain(given)
+    if saved == given:
+        return True
+    if name in PATH_FIELDS and isinstance(saved, str) and isinstance(given, str):
+        try:
+            return os.path.samefile(saved, given)
+        except OSError:
+            return False
+    return False
+
+
+def config_differences(saved: dict[str, Any], config: FinetuneConfig) -> list[tuple[str, Any, Any]]:
+    """The run-defining fields in which ``config`` differs from a saved ``config.json["config"]``.
+
+    Returns ``(field, saved value, given value)`` triples; method fields are named ``method.<field>``.
+    Fields the saved dict lacks (an older lorakit) count at their defaults; :data:`NON_RUN_FIELDS` are
+    not compared.
+    """
+    old = FinetuneConfig.from_dict(saved)
+    differences: list[tuple[str, Any, Any]] = []
+    for item in dataclasses.fields(FinetuneConfig):
+        if item.name in NON_RUN_FIELDS:
+            continue
+        if item.name == "method":
+            for sub in dataclasses.fields(MethodSpec):
+                before, now = getattr(old.method, sub.name), getattr(config.method, sub.name)
+                if not settings_equal(sub.name, before, now):
+                    differences.append((f"method.{sub.name}", _plain(before), _plain(now)))
+            continue
+        before, now = getattr(old, item.name), getattr(config, item.name)
+        if not settings_equal(item.name, before, now):
+            differences.append((item.name, _plain(before), _plain(now)))
+    return differences
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 @dataclass
 class RunSummary:
     """What a run produced (also ``summary.json``)."""
@@ -214,7 +284,25 @@ class RunFolder:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
+
+    def earlier_run_files(self) -> list[Path]:
+        """The files and folders of a run already in this folder (see :data:`RUN_FILES`)."""
+        if not self.path.is_dir():
+            return []
+        return sorted({path for pattern in RUN_FILES for path in self.path.glob(pattern)})
+
+    def clear(self) -> list[Path]:
+        """Remove an earlier run's files (main process only); returns what was there."""
+        found = self.earlier_run_files()
+        if self.is_main:
+            for path in found:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        self._metrics = JsonlLog(self.path / METRICS_FILE)
+        return found
 
     def write_config(self, data: dict[str, Any]) -> None:
         if self.is_main:
@@ -401,7 +489,10 @@ def finetune(
     """Fine-tune ``config.model`` on ``config.data`` with ``config.method``; returns the run's summary.
 
     ``task`` may be passed pre-loaded (``compare`` loads each dataset once). With ``config.resume``, the
-    run continues from ``RUN/checkpoints/latest.json`` (model weights, optimizer, scheduler, RNG, step).
+    run continues from ``RUN/checkpoints/latest.json`` (model weights, optimizer, scheduler, RNG, step);
+    a ``config`` that differs from the saved ``RUN/config.json`` in a run-defining field raises
+    ``ValueError`` naming the fields (saved vs given values) before any file is written. Without
+    ``resume``, an earlier run's files in the folder are removed first (see :data:`RUN_FILES`).
     A diverged run raises :class:`~lorakit.train.trainer.TrainingDivergedError` after writing a summary with
     ``status="diverged"``.
     """
@@ -418,30 +509,31 @@ def finetune(
     wall_start = time.perf_counter()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()  # compare runs many fine-tunes in one process
-    task = task or load_task(
-        config.data,
-        eval_data=config.eval_data,
-        text_cols=config.text_cols,
-        label_col=config.label_col,
-        task_type=config.task,
-        label_names=config.labels,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        tweets_train=config.tweets_train,
-        tweets_eval=config.tweets_eval,
-    )
+    # On resume, check the saved config before anything else (and before loading data the user may have
+    # named differently); the default folder needs the task's name, so without ``out`` check after loading.
+    run = RunFolder(config.out) if config.out else None
+    saved = _check_resume(run, config) if config.resume and run is not None else None
+    task = task or load_config_task(config)
+    if run is None:
+        run = RunFolder(default_run_dir(config, task.name))
+        saved = _check_resume(run, config) if config.resume else None
     train_split = task.train.subset(config.max_train_samples, seed=1234)
     eval_split = task.eval.subset(config.max_eval_samples, seed=1234)
-    run = RunFolder(config.out or default_run_dir(config, task.name))
+    if saved is not None:
+        _check_resume_sizes(run, saved, len(train_split), len(eval_split))
     accelerator = _make_accelerator(config)
     run.is_main = accelerator.is_main_process
     checkpoint = run.latest_checkpoint() if config.resume else None
-    if config.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run.checkpoints} (checkpoints/latest.json)")
-    if not config.resume and (run.path / SUMMARY_FILE).exists():
-        logger.warning("%s already holds a finished run; overwriting it", run.path)
-    if not config.resume and run.is_main and run.checkpoints.exists():
-        shutil.rmtree(run.checkpoints)
+    if not config.resume:
+        earlier = run.earlier_run_files()
+        if earlier and run.is_main:
+            logger.warning(
+                "%s already holds a run; overwriting it: removing %s before training",
+                run.path,
+                ", ".join(path.name + ("/" if path.is_dir() else "") for path in earlier),
+            )
+        run.clear()
+        accelerator.wait_for_everyone()
     model_name = config.model or default_model_path()
     seed_everything(config.seed)
     model, tokenizer = build_model(model_name, task)
@@ -450,16 +542,6 @@ def finetune(
         load_weights(model, checkpoint)
     counts = trainable_summary(model)
     optimizer = make_method_optimizer(model, config.method, config.weight_decay)
-    run.write_config(
-        {
-            "config": config.to_dict(),
-            "model": model_name,
-            "task": task.describe(),
-            "train_size": len(train_split),
-            "eval_size": len(eval_split),
-            "lorakit_version": _version(),
-        }
-    )
     callbacks = list(callbacks)
     settings = LoopSettings(
         batch_size=config.batch_size,
@@ -511,6 +593,18 @@ def finetune(
             if isinstance(callback, DiagnosticsCallback):
                 callback.diagnostics.resume(trainer.state.step)
         logger.info("resumed %s from %s (step %d)", run.path, checkpoint, trainer.state.step)
+    # Written once a resume has been checked and its checkpoint loaded, so a refused or failed resume
+    # leaves the saved config as it was.
+    run.write_config(
+        {
+            "config": config.to_dict(),
+            "model": model_name,
+            "task": task.describe(),
+            "train_size": len(train_split),
+            "eval_size": len(eval_split),
+            "lorakit_version": _version(),
+        }
+    )
     logger.info("%s on %s: %s; %s", config.method.name, task.name, counts, run.path)
     status, error = "finished", None
     try:
@@ -519,7 +613,12 @@ def finetune(
         status, error = "diverged", str(diverged)
     memory, memory_kind = peak_memory()
     state = trainer.state
-    final = getattr(trainer, "last_metrics", None) or {}
+    final = trainer.last_metrics
+    if final is None and status == "finished":
+        # Nothing was left to train (resuming a finished run, or one that stopped after its last
+        # checkpoint): score the loaded final weights, so the summary's final metrics are real.
+        final = trainer.evaluate()
+    final = final or {}
     summary = RunSummary(
         run_dir=str(run.path),
         status=status,
@@ -554,6 +653,53 @@ def finetune(
     if status == "diverged":
         raise TrainingDivergedError(error)
     return summary
+
+
+def load_config_task(config: FinetuneConfig) -> TaskData:
+    """The task ``config`` describes (what :func:`finetune` loads when it is given none)."""
+    return load_task(
+        config.data,
+        eval_data=config.eval_data,
+        text_cols=config.text_cols,
+        label_col=config.label_col,
+        task_type=config.task,
+        label_names=config.labels,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        tweets_train=config.tweets_train,
+        tweets_eval=config.tweets_eval,
+    )
+
+
+def _check_resume(run: RunFolder, config: FinetuneConfig) -> dict[str, Any]:
+    """Refuse to resume without a checkpoint or with a config other than the saved one; the saved info."""
+    if run.latest_checkpoint() is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run.checkpoints} (checkpoints/latest.json)")
+    info = run.read_config()
+    where = run.path / CONFIG_FILE
+    try:
+        differences = config_differences(info["config"], config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"--resume: {where}: cannot read the saved config ({error})") from error
+    if differences:
+        listed = "; ".join(f"{name}: saved {old!r}, given {new!r}" for name, old, new in differences)
+        raise ValueError(
+            f"--resume: {run.path} was started with other settings ({listed}). A resumed run keeps the "
+            f"config saved in {where}: resume with those values, or start a new run in another folder"
+        )
+    return info
+
+
+def _check_resume_sizes(run: RunFolder, info: dict[str, Any], train_size: int, eval_size: int) -> None:
+    """Refuse to resume when the same data options now give other train/eval sets (the data changed)."""
+    for split, size in (("train", train_size), ("eval", eval_size)):
+        before = info.get(f"{split}_size")
+        if before is not None and before != size:
+            raise ValueError(
+                f"--resume: the data now gives {size} {split} examples; the run in {run.path} was started "
+                f"on {before}. Did the data change? Resume on the same data, or start a new run in another "
+                "folder"
+            )
 
 
 def _version() -> str:

@@ -52,6 +52,10 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     best_metrics: dict[str, float] | None = None
+    # The train losses since the last "train" record (summed over optimizer steps), so that the first
+    # record after a resume averages the same steps as without the interruption.
+    loss_window_sum: float = 0.0
+    loss_window_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +258,7 @@ class Trainer:
         self.state = TrainState()
         self.start_time = time.perf_counter()
         self.elapsed_before = 0.0
+        self.last_metrics: dict[str, float] | None = None  # of the last evaluation in train()
 
     # -- state for checkpoints --------------------------------------------------------------------------
 
@@ -325,7 +330,6 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.settings.progress and acc.is_local_main_process),
         )
-        window_loss, window_batches = 0.0, 0
         step_loss = torch.zeros((), device=acc.device)
         micro = 0
         self.step_batches = []
@@ -357,16 +361,16 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step_batches = []
                 self.state.step += 1
-                window_loss += mean_loss
-                window_batches += 1
+                self.state.loss_window_sum += mean_loss
+                self.state.loss_window_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 done = self.state.step >= self.total_steps
                 if self.state.step % self.settings.log_every == 0 or done:
                     self.state.train_time += time.perf_counter() - epoch_start
                     epoch_start = time.perf_counter()
-                    self._log_train(window_loss / window_batches)
-                    window_loss, window_batches = 0.0, 0
+                    self._log_train(self.state.loss_window_sum / self.state.loss_window_steps)
+                    self.state.loss_window_sum, self.state.loss_window_steps = 0.0, 0
                 if self.state.step % self.eval_every == 0 or done:
                     self.state.train_time += time.perf_counter() - epoch_start
                     self.run_eval()
@@ -410,10 +414,15 @@ class Trainer:
         if self.hooks is not None and self.accelerator.is_main_process:
             self.hooks.log(record)
 
-    def run_eval(self) -> dict[str, float]:
-        metrics = evaluate_model(
+    def evaluate(self) -> dict[str, float]:
+        """Score the current weights on the eval set; records, logs and tracks nothing."""
+        return evaluate_model(
             self.model, self.eval_loader, self.accelerator, self.task_type, self.metric_names
         )
+
+    def run_eval(self) -> dict[str, float]:
+        """Evaluate, track the best metrics, log an ``eval`` record and call ``on_eval``."""
+        metrics = self.evaluate()
         value = metrics[self.main_metric]
         best = self.state.best_metric
         if best is None or (value > best if self.higher_is_better else value < best):
