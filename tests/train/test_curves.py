@@ -100,6 +100,46 @@ def test_errors_name_the_culprit(runs, tmp_path):
         find_runs([tmp_path / "out-missing"])
 
 
+def test_runs_without_eval_records_are_left_out_and_named(runs, tmp_path, caplog):
+    # A run that diverged before its first evaluation: train records only, status "diverged".
+    diverged = runs / "RTE" / "loraplus-s2"
+    diverged.mkdir()
+    (diverged / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "loss": 9.9}) + "\n")
+    summary = {
+        "method": "loraplus",
+        "task": "RTE",
+        "seed": 2,
+        "main_metric": "accuracy",
+        "status": "diverged",
+    }
+    (diverged / "summary.json").write_text(json.dumps(summary))
+    # One that stopped before its first log line has a summary but no metrics.jsonl at all.
+    silent = runs / "RTE" / "lora-s9"
+    silent.mkdir()
+    (silent / "summary.json").write_text(json.dumps({**summary, "method": "lora", "seed": 9}))
+    with caplog.at_level("WARNING", logger="lorakit.train.curves"):
+        data = curves_report([runs], reference="lora", out=tmp_path / "out")
+    assert str(diverged) in caplog.text and "diverged before its first evaluation" in caplog.text
+    assert [item["run"] for item in data["skipped"]] == [str(silent), str(diverged)]
+    assert "no metrics.jsonl" in data["skipped"][0]["reason"]
+    assert str(diverged) not in data["runs"] and len(data["runs"]) == 5
+    assert data["tasks"]["RTE"]["target"] == pytest.approx(0.71)  # lora's two runs with curves
+    # the other runs are drawn as before: the diverged seed does not enter loraplus's mean curve
+    methods = data["tasks"]["RTE"]["methods"]
+    assert methods["loraplus"]["runs"] == 2 and methods["loraplus"]["mean_curve_step"] == 30
+    saved = json.loads((tmp_path / "out" / "curves.json").read_text())
+    assert saved["skipped"][1]["run"] == str(diverged)
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    assert f"left out {diverged}" in format_report(data)
+    # Only the diverged run: nothing to draw is an error that names it.
+    with pytest.raises(ValueError, match=r"no run has eval records.*loraplus-s2"):
+        curves_report([diverged], out=tmp_path / "none")
+    # The reference's only run left out: the error says so.
+    lora = runs / "RTE" / "lora-s0"
+    with pytest.raises(ValueError, match=r"reference method 'lora'.*left out.*loraplus-s2"):
+        curves_report([lora.parent / "asym-s0", diverged], out=tmp_path / "noref")
+
+
 def test_cli_curves(runs, tmp_path, monkeypatch, capsys):
     import lorakit.cli
 

@@ -151,12 +151,65 @@ def test_eval_split_label_map_and_skip(tmp_path):
         ("data.xml", "<a/>", {}, "unknown data format '.xml'"),
         ("data.jsonl", '{"text": "a", "label": 1}\nnot json\n', {}, r"data\.jsonl:2: invalid JSON"),
         ("data.tsv", "text\tlabel\nonly-one-field\n", {}, r"data\.tsv:2: expected 2 columns"),
+        ("data.tsv", "text\tlabel\na\tb\t1\n", {}, r"data\.tsv:2: expected 2 columns.*got 3.*tab"),
+        ("data.csv", "text,text,label\na,b,1\n", {}, r"data\.csv:1: .*'text' more than once"),
+        (
+            "data.jsonl",
+            '{"text": "a", "label": 1}\n{"text": "b", "label": 0, "label": 1}\n',
+            {},
+            r"data\.jsonl:2: key 'label' appears more than once",
+        ),
     ],
 )
 def test_clear_errors(tmp_path, name, content, kwargs, message):
     path = _write(tmp_path / name, content)
     with pytest.raises(DataError, match=message):
         load_files(path, **kwargs)
+
+
+def test_rows_with_more_fields_than_the_header_name_the_line(tmp_path):
+    # An unquoted comma used to be cut off silently: "good, very good,1" became text "good", label
+    # " very good" (a new class), and the "1" was dropped.
+    path = _write(tmp_path / "extra.csv", "text,label\nhello there,1\nbad day,0\ngood, very good,1\nmeh,0\n")
+    with pytest.raises(DataError, match=r"extra\.csv:4: expected 2 columns \(text, label\), got 3.*quote"):
+        load_files(path)
+    quoted = _write(tmp_path / "quoted.csv", 'text,label\nhello there,1\nbad day,0\n"good, very good",1\n')
+    task = load_files(quoted, eval_path=quoted)
+    assert task.label_names == ["0", "1"] and task.train.texts[2] == ("good, very good",)
+    # A headerless GLUE file (CoLA) with a stray tab on one line: checked against the first line's width.
+    cola = tmp_path / "CoLA"
+    _write(cola / "train.tsv", "src\t1\t\tA fine sentence.\nsrc\t0\t\tA\tbroken one.\n")
+    _write(cola / "dev.tsv", "src\t1\t\tA fine sentence.\n")
+    with pytest.raises(DataError, match=r"CoLA/train\.tsv:2: expected 4 columns \(as on line 1.*got 5"):
+        load_task(cola)
+
+
+def test_glue_folder_honours_an_explicit_eval_file(tmp_path):
+    folder = tmp_path / "SST-2"
+    header = "sentence\tlabel\n"
+    _write(folder / "train.tsv", header + "a fine film\t1\na dull film\t0\n")
+    _write(folder / "dev.tsv", header + "dev one\t1\ndev two\t0\ndev three\t1\n")
+    assert len(load_task(folder).eval) == 3  # the folder's dev.tsv by default
+    tiny = _write(tmp_path / "tiny_dev.tsv", header + "only this\t0\n")
+    task = load_task(folder, eval_data=tiny)
+    assert task.name == "SST-2" and task.metrics == ["accuracy"]
+    assert (task.eval.texts, task.eval.labels, task.eval.source) == ([("only this",)], [0], str(tiny))
+    assert len(task.train) == 2
+    as_csv = _write(tmp_path / "dev.csv", "sentence,label\nfrom a csv,1\n")
+    assert load_task(folder, eval_data=as_csv).eval.texts == [("from a csv",)]
+    wrong = _write(tmp_path / "wrong.tsv", "text\tlabel\nx\t1\n")
+    with pytest.raises(DataError, match=r"wrong\.tsv: missing text column 'sentence'"):
+        load_task(folder, eval_data=wrong)
+
+
+def test_eval_file_replaces_the_tweets_eval_sample(tmp_path):
+    try:
+        load_tweets(n_train=5, n_eval=5)
+    except DataError as error:
+        pytest.skip(str(error))
+    ood = _write(tmp_path / "ood.csv", "text,sentiment\ngreat,positive\nawful,negative\n")
+    task = load_task(None, eval_data=ood, tweets_train=5, tweets_eval=5)
+    assert task.eval.texts == [("great",), ("awful",)] and task.eval.labels == [2, 0]
 
 
 def test_unreadable_and_missing_files(tmp_path):

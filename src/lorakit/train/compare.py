@@ -2,7 +2,9 @@
 
 For each dataset, method and seed one :func:`~lorakit.train.run.finetune` run is written to
 ``OUT/<task>/<method>-s<seed>/`` (a finished run whose config matches is reused, so an interrupted
-comparison continues where it stopped). The table reports, per method, the mean ± sample standard
+comparison continues where it stopped). ``<task>`` is the task's name (GLUE task, file stem or folder);
+datasets that share a name get their parent folders in it (``d1/train`` → ``OUT/d1-train/``). An
+``eval_data`` file needs exactly one dataset. The table reports, per method, the mean ± sample standard
 deviation (ddof = 1; 0 for one seed) of the final main metric, the mean train samples/s, the trainable
 parameter count and the peak memory; ``OUT/compare.json`` holds the table plus every run's summary (each
 run's ``metrics.jsonl`` has step/epoch/wall time for curves), ``OUT/compare.png`` the bar chart.
@@ -34,7 +36,8 @@ DEFAULT_METHODS = ("lora", "loraplus", "asym")
 
 @dataclass
 class CompareRow:
-    """One (task, method) line of the table."""
+    """One (task, method) line of the table; two datasets with one name (``d1/train.jsonl``,
+    ``d2/train.jsonl``) get distinct ``task`` names (see :func:`unique_task_names`)."""
 
     task: str
     method: str
@@ -47,6 +50,8 @@ class CompareRow:
     trainable_params: int
     peak_memory_mb: float
     diverged: int = 0
+    # the dataset as given (None: the embedded tweets); ``task`` names one dataset only
+    data: str | None = None
 
 
 @dataclass
@@ -98,12 +103,11 @@ def compare(
         raise ValueError(f"compare: two methods share a name {names}; add label=... to tell them apart")
     out = Path(out)
     datasets = list(datasets) if datasets else [base.data]
-    rows: list[CompareRow] = []
-    summaries: list[RunSummary] = []
-    for data in datasets:
-        task = load_task(
+    _check_datasets(datasets, base.eval_data)
+    tasks = [
+        load_task(
             data,
-            eval_data=base.eval_data if len(datasets) == 1 else None,
+            eval_data=base.eval_data,
             text_cols=base.text_cols,
             label_col=base.label_col,
             task_type=base.task,
@@ -113,6 +117,15 @@ def compare(
             tweets_train=base.tweets_train,
             tweets_eval=base.tweets_eval,
         )
+        for data in datasets
+    ]
+    names = unique_task_names(datasets, [task.name for task in tasks])
+    rows: list[CompareRow] = []
+    summaries: list[RunSummary] = []
+    for data, task, name in zip(datasets, tasks, names, strict=True):
+        if name != task.name:
+            logger.info("compare: %s is task %r (another dataset is also named %r)", data, name, task.name)
+            task = replace(task, name=name)  # run folder, summary and curves name it so
         task_runs: dict[str, list[RunSummary]] = {}
         for spec in specs:
             for seed in seeds:
@@ -128,7 +141,7 @@ def compare(
                         summary = RunFolder(run_dir).read_summary()
                 summaries.append(summary)
                 task_runs.setdefault(spec.name, []).append(summary)
-        rows += [_row(task.name, name, runs) for name, runs in task_runs.items()]
+        rows += [_row(task.name, method, runs, data) for method, runs in task_runs.items()]
     result = CompareResult(rows, summaries, str(out))
     atomic_write_json(out / "compare.json", {**result.to_dict(), "base_config": base.to_dict()})
     plot_compare(rows, out / "compare.png")
@@ -151,7 +164,71 @@ def _reuse(run_dir: Path, config: FinetuneConfig) -> RunSummary | None:
     return None
 
 
-def _row(task: str, method: str, runs: list[RunSummary]) -> CompareRow:
+def _check_datasets(datasets: Sequence[str | os.PathLike | None], eval_data: str | None) -> None:
+    """Refuse a dataset given twice, and ``eval_data`` with several datasets (whose eval split would it be?
+    one file cannot be every dataset's, and silently dropping it would train against the wrong split)."""
+    seen: dict[str, str | os.PathLike | None] = {}
+    for data in datasets:
+        key = "<tweets>" if data is None else str(Path(data).resolve() if Path(data).exists() else data)
+        if key in seen:
+            raise ValueError(f"compare: dataset {data} is given twice (as {seen[key]} and {data})")
+        seen[key] = data
+    if eval_data is not None and len(datasets) > 1:
+        raise ValueError(
+            f"compare: --eval-data {eval_data} needs exactly one --data, got {len(datasets)} datasets "
+            f"({', '.join(str(d) for d in datasets)}); give each dataset its own dev file in a folder "
+            "(train.* + dev.*) or run compare once per dataset"
+        )
+
+
+def unique_task_names(datasets: Sequence[str | os.PathLike | None], names: Sequence[str]) -> list[str]:
+    """One distinct task name per dataset: a name that two datasets share (e.g. ``train`` for
+    ``d1/train.jsonl`` and ``d2/train.jsonl``) gets the fewest parent folders that tell them apart
+    (``d1/train``, ``d2/train``), else a 1-based index in the order given (``train#1``, ``train#2``).
+
+    Names are compared as run-folder names (:func:`slug`, case-insensitively), so no two datasets share a
+    folder; a name that no other dataset has is kept as it is.
+    """
+
+    def key(name: str) -> str:
+        return slug(name).lower()
+
+    def clashes(candidates: Sequence[str]) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(candidates):
+            groups.setdefault(key(name), []).append(i)
+        return {k: members for k, members in groups.items() if len(members) > 1}
+
+    result = list(names)
+    for members in clashes(names).values():
+        parents = [_parent_parts(datasets[i]) for i in members]
+        for depth in range(1, max(len(p) for p in parents) + 1):
+            candidates = [
+                "/".join([*p[max(len(p) - depth, 0) :], names[i]])
+                for p, i in zip(parents, members, strict=True)
+            ]
+            if not clashes(candidates):
+                break
+        else:
+            candidates = [f"{names[i]}#{n}" for n, i in enumerate(members, 1)]
+        for i, candidate in zip(members, candidates, strict=True):
+            result[i] = candidate
+    for members in clashes(result).values():  # a new name that is another dataset's own name
+        for n, i in enumerate(members, 1):
+            result[i] = f"{result[i]}#{n}"
+    if clashes(result):
+        raise ValueError(f"compare: cannot give the datasets distinct task names (got {result})")
+    return result
+
+
+def _parent_parts(data: str | os.PathLike | None) -> tuple[str, ...]:
+    """The folders above a local dataset (absolute), or () for the tweets default and HF hub names."""
+    if data is None or not Path(data).exists():
+        return ()
+    return Path(data).resolve().parent.parts
+
+
+def _row(task: str, method: str, runs: list[RunSummary], data: Any = None) -> CompareRow:
     ok = [r for r in runs if r.status == "finished" and r.score is not None]
     scores = [float(r.score) for r in ok]
     return CompareRow(
@@ -166,6 +243,7 @@ def _row(task: str, method: str, runs: list[RunSummary]) -> CompareRow:
         trainable_params=runs[0].trainable_params,
         peak_memory_mb=float(max(r.peak_memory_mb for r in runs)),
         diverged=len(runs) - len(ok),
+        data=None if data is None else str(data),
     )
 
 

@@ -29,9 +29,22 @@ from lorakit.utils import atomic_save_figure, atomic_write_json, read_json, read
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunCurve", "curves_report", "find_runs", "load_curve", "plot_curves", "time_to_accuracy"]
+__all__ = [
+    "NoEvalRecordsError",
+    "RunCurve",
+    "curves_report",
+    "find_runs",
+    "load_curve",
+    "plot_curves",
+    "time_to_accuracy",
+]
 
 TIME_KEYS = ("train_time", "wall_time")
+RUN_FILES = ("metrics.jsonl", "summary.json")
+
+
+class NoEvalRecordsError(ValueError):
+    """A run folder without eval records (e.g. a run that diverged before its first evaluation)."""
 
 
 @dataclass
@@ -54,18 +67,22 @@ class RunCurve:
 
 
 def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Run folders (holding ``metrics.jsonl``) in ``paths``: each path is a run or a folder searched below."""
+    """Run folders in ``paths``: each path is a run or a folder searched below. A run folder holds
+    ``metrics.jsonl`` or ``summary.json`` (a run that stopped before its first log line has only the
+    summary; :func:`curves_report` lists it as left out)."""
     found: list[Path] = []
     for item in paths:
         path = Path(item)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such run folder")
-        if (path / "metrics.jsonl").exists():
+        if any((path / name).exists() for name in RUN_FILES):
             found.append(path)
         else:
-            found += sorted(p.parent for p in path.rglob("metrics.jsonl"))
+            found += sorted({p.parent for name in RUN_FILES for p in path.rglob(name)})
     if not found:
-        raise FileNotFoundError(f"no run folder (with metrics.jsonl) in {[str(p) for p in paths]}")
+        raise FileNotFoundError(
+            f"no run folder (with metrics.jsonl or summary.json) in {[str(p) for p in paths]}"
+        )
     return list(dict.fromkeys(found))
 
 
@@ -81,11 +98,23 @@ def load_curve(run_dir: str | os.PathLike, metric: str | None = None) -> RunCurv
     task = summary.get("task") or config.get("task", {}).get("name") or "task"
     seed = int(summary.get("seed", config.get("config", {}).get("seed", 0)))
     path = run / "metrics.jsonl"
-    records = [record for _, record in read_jsonl(path) if record.get("type") == "eval"]
+    records = (
+        [record for _, record in read_jsonl(path) if record.get("type") == "eval"] if path.exists() else []
+    )
     if metric is None:
         metric = summary.get("main_metric") or (config.get("task", {}).get("metrics") or [None])[0]
     if not records:
-        raise ValueError(f"{path}: no eval records (type == 'eval'); set eval_every to get a curve")
+        status = summary.get("status")
+        if status and status != "finished":
+            why = f"the run {status} before its first evaluation"
+        else:
+            why = "set eval_every to get a curve"
+        where = (
+            f"{path}: no eval records (type == 'eval')"
+            if path.exists()
+            else f"{run}: no eval records (no metrics.jsonl)"
+        )
+        raise NoEvalRecordsError(f"{where}; {why}")
     if metric is None or metric not in records[-1]:
         raise ValueError(f"{path}: eval records have no metric {metric!r} (have {sorted(records[-1])})")
     records.sort(key=lambda r: r["step"])
@@ -181,9 +210,15 @@ def time_to_accuracy(
     return tasks
 
 
-def plot_curves(report: dict[str, Any], path: str | os.PathLike, time_key: str = "train_time") -> None:
+def plot_curves(
+    report: dict[str, Any],
+    path: str | os.PathLike,
+    time_key: str = "train_time",
+    skipped: Sequence[str] = (),
+) -> None:
     """One row per task: metric vs step (left) and vs ``time_key`` seconds (right), seed-mean per method,
-    the target dashed and the first point at or past it marked."""
+    the target dashed and the first point at or past it marked; ``skipped`` runs (no eval records) are
+    named under the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +247,12 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, time_key: str =
             )
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7)
-    fig.tight_layout()
+    if skipped:
+        note = "left out (no eval records): " + ", ".join(skipped)
+        fig.text(0.01, 0.005, note, fontsize=7, color="firebrick", va="bottom", wrap=True)
+        fig.tight_layout(rect=(0, 0.06 / len(tasks), 1, 1))
+    else:
+        fig.tight_layout()
     atomic_save_figure(fig, path)
 
 
@@ -224,13 +264,42 @@ def curves_report(
     time_key: str = "train_time",
 ) -> dict[str, Any]:
     """Load runs (folders or parents of run folders), compute :func:`time_to_accuracy`, write
-    ``OUT/curves.png`` and ``OUT/curves.json``; returns the JSON data."""
+    ``OUT/curves.png`` and ``OUT/curves.json``; returns the JSON data.
+
+    A run without eval records (one that diverged or stopped before its first evaluation) is left out with
+    a warning; ``runs`` lists the runs drawn, ``skipped`` the ones left out (``run``, ``reason``), and the
+    plot names them. Only when no run has eval records is it an error.
+    """
     dirs = find_runs(runs)
-    curves = [load_curve(d, metric) for d in dirs]
-    tasks = time_to_accuracy(curves, reference, time_key)
+    curves: list[RunCurve] = []
+    skipped: list[dict[str, str]] = []
+    for d in dirs:
+        try:
+            curves.append(load_curve(d, metric))
+        except NoEvalRecordsError as error:
+            logger.warning("curves: leaving out %s: %s", d, error)
+            skipped.append({"run": str(d), "reason": str(error)})
+    if not curves:
+        raise NoEvalRecordsError(
+            f"no run has eval records, so there is no curve to draw: "
+            f"{'; '.join(s['reason'] for s in skipped)}"
+        )
+    try:
+        tasks = time_to_accuracy(curves, reference, time_key)
+    except ValueError as error:
+        if not skipped:
+            raise
+        left_out = ", ".join(s["run"] for s in skipped)
+        raise ValueError(f"{error}; left out for lack of eval records: {left_out}") from error
     out = Path(out)
-    plot_curves(tasks, out / "curves.png", time_key)
-    data = {"reference": reference, "time_key": time_key, "runs": [str(d) for d in dirs], "tasks": tasks}
+    plot_curves(tasks, out / "curves.png", time_key, skipped=[s["run"] for s in skipped])
+    data = {
+        "reference": reference,
+        "time_key": time_key,
+        "runs": [c.run_dir for c in curves],
+        "skipped": skipped,
+        "tasks": tasks,
+    }
     atomic_write_json(out / "curves.json", data)
     return data
 
@@ -238,6 +307,8 @@ def curves_report(
 def format_report(data: dict[str, Any]) -> str:
     """Plain-text lines: per task and method, the first step (epoch, seconds) at the reference's final."""
     lines = []
+    for item in data.get("skipped", []):
+        lines.append(f"left out {item['run']}: no eval records")
     for task, entry in data["tasks"].items():
         lines.append(f"{task}: target = {entry['reference']} final {entry['metric']} {entry['target']:.4f}")
         for method, info in entry["methods"].items():

@@ -195,19 +195,40 @@ def _read_rows(path: Path, reader: Any, has_header: bool) -> tuple[list[str], li
             continue
         if has_header and not columns:
             columns = [v.strip() for v in values]
+            duplicates = sorted({c for c in columns if c and columns.count(c) > 1})
+            if duplicates:
+                raise DataError(
+                    f"{path}:{line}: the header names column(s) {', '.join(map(repr, duplicates))} more "
+                    "than once; rename them so that no column is dropped"
+                )
             continue
         if has_header:
-            if len(values) < len(columns):
+            if len(values) != len(columns):
                 raise DataError(
                     f"{path}:{line}: expected {len(columns)} columns ({', '.join(columns)}), "
-                    f"got {len(values)}"
+                    f"got {len(values)}{_field_hint(path, len(values) > len(columns))}"
                 )
-            rows.append((line, dict(zip(columns, values, strict=False))))
+            rows.append((line, dict(zip(columns, values, strict=True))))
         else:
+            first_line, first = rows[0] if rows else (line, values)
+            if len(values) != len(first):
+                raise DataError(
+                    f"{path}:{line}: expected {len(first)} columns (as on line {first_line}, the file has "
+                    f"no header), got {len(values)}{_field_hint(path, len(values) > len(first))}"
+                )
             rows.append((line, dict(enumerate(values))))
     if not has_header and rows:
-        columns = [str(i) for i in range(max(len(r) for _, r in rows))]
+        columns = [str(i) for i in range(len(rows[0][1]))]
     return columns, rows
+
+
+def _field_hint(path: Path, extra: bool) -> str:
+    """What usually causes a row with too many fields: an unquoted separator inside a value."""
+    if not extra:
+        return ""
+    if path.suffix.lower() == ".tsv":
+        return " (a value holds a tab? TSV files are read without quoting, so tabs cannot be inside values)"
+    return ' (a value holds an unquoted comma? quote it: "good, very good")'
 
 
 def _read_jsonl(path: Path, handle: Any) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -217,9 +238,14 @@ def _read_jsonl(path: Path, handle: Any) -> tuple[list[str], list[tuple[int, dic
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{line}: invalid JSON ({error.msg})") from error
+        except _DuplicateKeyError as error:
+            raise DataError(
+                f"{path}:{line}: key {error.args[0]!r} appears more than once in the object; "
+                "only one value per column is allowed"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line}: expected a JSON object per line, got {type(row).__name__}")
         columns.update(dict.fromkeys(row))
@@ -227,11 +253,33 @@ def _read_jsonl(path: Path, handle: Any) -> tuple[list[str], list[tuple[int, dic
     return list(columns), rows
 
 
+class _DuplicateKeyError(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a repeated key is an error (plain ``json`` silently keeps the last value)."""
+    row: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _DuplicateKeyError(key)
+        row[key] = value
+    return row
+
+
 # ----------------------------------------------------------------------------------------------- GLUE
 
 
-def load_glue(folder: str | os.PathLike, spec: GlueSpec | None = None) -> TaskData:
-    """Load a GLUE task folder (``train.tsv`` + ``dev.tsv``) in the original TSV layout."""
+def load_glue(
+    folder: str | os.PathLike,
+    spec: GlueSpec | None = None,
+    eval_path: str | os.PathLike | None = None,
+) -> TaskData:
+    """Load a GLUE task folder (``train.tsv`` + ``dev.tsv``) in the original TSV layout.
+
+    ``eval_path`` replaces the folder's dev file as the eval split; it must have the task's columns (a
+    file laid out like the folder's ``dev.tsv``; CSV/JSONL with the same column names work too).
+    """
     folder = Path(folder)
     spec = spec or glue_spec(folder.name)
     if spec is None:
@@ -241,7 +289,12 @@ def load_glue(folder: str | os.PathLike, spec: GlueSpec | None = None) -> TaskDa
             "with a data file instead"
         )
     train_file = folder / "train.tsv"
-    dev_file = next((folder / n for n in spec.dev_files if (folder / n).exists()), folder / spec.dev_files[0])
+    if eval_path is not None:
+        dev_file = Path(eval_path)
+    else:
+        dev_file = next(
+            (folder / n for n in spec.dev_files if (folder / n).exists()), folder / spec.dev_files[0]
+        )
     task_type = "classification" if spec.label_names else "regression"
     train = _glue_split(train_file, spec)
     dev = _glue_split(dev_file, spec)
@@ -626,16 +679,19 @@ def load_task(
     tweets_eval: int = 500,
 ) -> TaskData:
     """Load any supported task: None → embedded tweets; a GLUE folder; a folder with train/dev files;
-    a CSV/TSV/JSONL file (with ``eval_data`` or a held-out fraction); else a HuggingFace dataset name."""
+    a CSV/TSV/JSONL file (with ``eval_data`` or a held-out fraction); else a HuggingFace dataset name.
+
+    ``eval_data``, when given, is the eval split for every kind of ``data`` (it replaces a GLUE folder's
+    dev file, a folder's dev/validation file, the tweets eval sample or the HF validation split)."""
     if data is None:
-        return load_tweets(tweets_train, tweets_eval, seed=0)
+        return _with_eval_file(load_tweets(tweets_train, tweets_eval, seed=0), eval_data)
     path = Path(data)
     if path.is_dir():
         spec = glue_spec(path.name)
         if spec is not None and (path / "train.tsv").exists() and not text_cols:
             if task_type not in (None, "classification" if spec.label_names else "regression"):
                 raise DataError(f"{path}: GLUE {spec.name} is not a {task_type} task")
-            return load_glue(path, spec)
+            return load_glue(path, spec, eval_path=eval_data)
         train, dev = find_split_files(path)
         return load_files(
             train,
@@ -659,7 +715,21 @@ def load_task(
             eval_fraction=eval_fraction,
             seed=seed,
         )
-    return load_hf(str(data), text_cols=text_cols, label_col=label_col, task_type=task_type)
+    task = load_hf(str(data), text_cols=text_cols, label_col=label_col, task_type=task_type)
+    return _with_eval_file(task, eval_data)
+
+
+def _with_eval_file(task: TaskData, eval_data: str | os.PathLike | None) -> TaskData:
+    """``task`` with its eval split replaced by the file ``eval_data`` (read with the task's text and label
+    columns and label set), or ``task`` itself when ``eval_data`` is None."""
+    if eval_data is None:
+        return task
+    path = Path(eval_data)
+    columns, rows = read_table(path)
+    task.eval = rows_to_split(
+        path, columns, rows, task.text_cols, task.label_col, task.task_type, task.label_names
+    )
+    return task
 
 
 def load_eval_split(
