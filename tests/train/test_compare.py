@@ -136,3 +136,19 @@ def test_compare_curves_after_a_run_diverged_before_its_first_evaluation(tiny_mo
     assert list(report["tasks"]["train"]["methods"]) == ["lora r=2"]
     assert (out / "curves" / "curves.png").stat().st_size > 1000
     assert "left out" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_is_resumed_not_restarted(tiny_model, tmp_path):
+    """A run that left a checkpoint but no summary (killed mid-way) continues from that checkpoint."""
+    data = str(_jsonl(tmp_path / "d" / "train.jsonl", _sentences(40, 3)))
+    out = tmp_path / "cmp"
+    base = _base(tiny_model, max_steps=4, save_every=2, eval_every=4)
+    (first,) = compare(base, ["lora"], seeds=[0], datasets=[data], out=out).runs
+    run_dir = Path(first.run_dir)
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    (again,) = compare(base, ["lora"], seeds=[0], datasets=[data], out=out).runs
+    assert again.status == "finished" and again.steps == first.steps == 4
+    assert again.final_metrics == first.final_metrics
+    # resumed from step 4: no step was trained again, so the metrics log is unchanged
+    assert (run_dir / "metrics.jsonl").read_text() == metrics

@@ -123,7 +123,9 @@ def _add_data_args(parser: argparse.ArgumentParser, data_help: str, many: bool =
     group = parser.add_argument_group("data")
     group.add_argument("--data", nargs="+" if many else None, default=None, help=data_help)
     group.add_argument(
-        "--eval-data", default=None, help="separate eval file (default: dev split or a held-out part)"
+        "--eval-data",
+        default=None,
+        help="separate eval file (default: dev split or a held-out part; compare: only with one --data)",
     )
     group.add_argument(
         "--text-cols", type=_columns, default=None, help="one or two text columns, e.g. 'premise,hypothesis'"
@@ -564,7 +566,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
         labels = [row.method for row in result.rows]  # display names, e.g. "lora r=2"
         reference = next((label for label in labels if label.split()[0] == "lora"), labels[0])
-        report = curves_report([args.out], reference=reference, out=Path(args.out) / "curves")
+        # this compare's runs only: OUT may also hold runs of other method sets or datasets
+        runs = [summary.run_dir for summary in result.runs]
+        report = curves_report(runs, reference=reference, out=Path(args.out) / "curves")
         print(format_report(report))
     return 0
 

@@ -131,7 +131,10 @@ def compare(
             for seed in seeds:
                 run_dir = out / slug(task.name) / f"{slug(spec.name)}-s{seed}"
                 config = replace(base, data=data, method=spec, seed=int(seed), out=str(run_dir), resume=False)
-                summary = _reuse(run_dir, config) if reuse else None
+                state, summary = _previous_run(run_dir, config) if reuse else ("none", None)
+                if state == "unfinished":
+                    logger.info("compare: resuming the interrupted run in %s", run_dir)
+                    config = replace(config, resume=True)
                 if summary is None:
                     logger.info("compare: %s, %s, seed %d -> %s", task.name, spec.name, seed, run_dir)
                     try:
@@ -148,20 +151,27 @@ def compare(
     return result
 
 
-def _reuse(run_dir: Path, config: FinetuneConfig) -> RunSummary | None:
-    """A finished run in ``run_dir`` with the same config, or None."""
+def _previous_run(run_dir: Path, config: FinetuneConfig) -> tuple[str, RunSummary | None]:
+    """What ``run_dir`` holds of a run with the same config: ``("finished", summary)``, ``("unfinished",
+    None)`` when it left a checkpoint to resume from, else ``("none", None)`` (absent, or other settings)."""
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text())["config"]
-        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return "none", None
     wanted = json.loads(json.dumps(config.to_dict()))
     ignore = ("progress", "resume")
-    same = all(saved.get(k) == v for k, v in wanted.items() if k not in ignore)
-    if same and summary.status == "finished":
+    if not all(saved.get(k) == v for k, v in wanted.items() if k not in ignore):
+        return "none", None
+    try:
+        summary = RunSummary.from_dict(json.loads((run_dir / SUMMARY_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        summary = None
+    if summary is not None and summary.status == "finished":
         logger.info("compare: reusing the finished run in %s", run_dir)
-        return summary
-    return None
+        return "finished", summary
+    if summary is None and RunFolder(run_dir).latest_checkpoint() is not None:
+        return "unfinished", None
+    return "none", None
 
 
 def _check_datasets(datasets: Sequence[str | os.PathLike | None], eval_data: str | None) -> None:
