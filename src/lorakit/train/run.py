@@ -504,11 +504,11 @@ def finetune(
         TrainingDivergedError,
         encode,
         peak_memory,
+        reset_peak_memory,
     )
 
     wall_start = time.perf_counter()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()  # compare runs many fine-tunes in one process
+    reset_peak_memory()  # compare and sweep run many fine-tunes in one process
     # On resume, check the saved config before anything else (and before loading data the user may have
     # named differently); the default folder needs the task's name, so without ``out`` check after loading.
     run = RunFolder(config.out) if config.out else None

@@ -758,9 +758,8 @@ def finetune_cell(
         extra["data"] = str(Path(data_root) / str(extra["data"]))
     run_dir = Path(runs) / cell_id(cell)
     config = replace(config, **extra, method=spec, out=str(run_dir), progress=False, resume=False)
-    _reset_peak_memory()
     try:
-        summary = finetune(config)
+        summary = finetune(config)  # resets the peak memory counter: each cell reports its own
         status = summary.status
     except TrainingDivergedError:
         summary = RunFolder(run_dir).read_summary()  # written before the error was raised
@@ -780,14 +779,6 @@ def finetune_cell(
     }
     result.update({f"eval_{k}": float(v) for k, v in final.items()})
     return result
-
-
-def _reset_peak_memory() -> None:
-    """A pool worker runs many cells: reset CUDA's peak counter so each run reports its own peak."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _last_train_loss(run_dir: Path) -> float:

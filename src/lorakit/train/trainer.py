@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,12 +175,36 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for :func:`peak_memory`, so each of several runs in one process reports its own.
+
+    CUDA: ``reset_peak_memory_stats``. CPU on Linux: writing 5 to ``/proc/self/clear_refs`` resets the peak
+    resident set size (VmHWM); elsewhere, or where that is not allowed, the peak stays the process's.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        _PROC_CLEAR_REFS.write_text("5")
+
+
 def peak_memory() -> tuple[float, str]:
-    """Peak memory in MiB: CUDA max allocated on GPU, else the process's peak resident set size."""
+    """Peak memory in MiB and what it measures: CUDA max allocated on GPU; else the peak resident set size
+    since :func:`reset_peak_memory` (``cpu_peak_rss``, Linux) or since the process started
+    (``cpu_process_peak_rss``)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 2**10, "cpu_peak_rss"  # the line is in kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_peak_rss"
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_process_peak_rss"
 
 
 def rng_state() -> dict[str, Any]:
