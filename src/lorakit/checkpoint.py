@@ -92,7 +92,8 @@ def peft_config_dict(model: nn.Module, base_model_name_or_path: str | None = Non
         "target_modules": sorted(layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": list(config.modules_to_save) or None,
+        # the module paths the patterns matched: PEFT reads these entries as names, not globs or regexes
+        "modules_to_save": _saved_module_names(model, config) or None,
         "fan_in_fan_out": bool(conv1d) and len(conv1d) == len(layers),
         "bias": "none",
         "init_lora_weights": True,

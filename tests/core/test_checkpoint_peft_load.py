@@ -244,3 +244,16 @@ def test_unsupported_peft_variant_is_refused_by_name(tiny_bert, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "alora_invocation_tokens": [5, 6]}))
     with pytest.raises(ValueError, match=r"\['alora_invocation_tokens'\] adapters are not supported"):
         lorakit.read_adapter_config(tmp_path)
+
+
+def test_saved_modules_to_save_are_the_matched_names_that_peft_can_read(tiny_bert, tmp_path):
+    model = lorakit.inject(
+        copy.deepcopy(tiny_bert), LoraConfig(r=4, targets=["query"], modules_to_save=["re:classif.*"])
+    )
+    _random_factors(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(0.5)
+    lorakit.save(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    twin = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_bert), tmp_path).eval()
+    assert _rel(twin(_inputs()).logits, model.eval()(_inputs()).logits) <= 1e-6
