@@ -191,3 +191,13 @@ def test_ctrl_c_in_finetune_prints_one_line_and_exits_130(
     assert "Traceback" not in "\n".join(err)
     assert err[-1].startswith("lorakit finetune: interrupted; the last checkpoint is")
     assert "step-0000004 (step 4)" in err[-1] and f"lorakit finetune --out {out} --resume" in err[-1]
+
+
+def test_resume_removes_temporaries_a_killed_write_left(runs, tiny_model, sentiment_files, tmp_path):
+    run_dir = _copy(runs, "crashed", tmp_path)
+    stale = [run_dir / ".summary.json.k3j2.tmp", run_dir / "checkpoints" / ".latest.json.x9.tmp"]
+    for path in stale:
+        path.write_text("half-written")
+    finetune(_config(tiny_model, sentiment_files, run_dir, resume=True, **RUN))
+    assert not any(path.exists() for path in stale)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

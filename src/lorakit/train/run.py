@@ -304,6 +304,14 @@ class RunFolder:
         self._metrics = JsonlLog(self.path / METRICS_FILE)
         return found
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of writes a killed process left half-done (``atomic_write`` names them
+        ``.<file>.<random>.tmp``); one process writes a run folder, so none of them is in use."""
+        if self.is_main and self.path.is_dir():
+            for path in self.path.rglob(".*.tmp"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+
     def write_config(self, data: dict[str, Any]) -> None:
         if self.is_main:
             atomic_write_json(self.path / CONFIG_FILE, data)
@@ -534,6 +542,7 @@ def finetune(
             )
         run.clear()
         accelerator.wait_for_everyone()
+    run.remove_stale_temporaries()
     model_name = config.model or default_model_path()
     seed_everything(config.seed)
     model, tokenizer = build_model(model_name, task)
