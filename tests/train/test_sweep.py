@@ -15,6 +15,7 @@ from conftest import save_tiny_bert
 from lorakit.train.sweep import (
     aggregate,
     cell_id,
+    compared_metric,
     expand_grid,
     load_cells,
     run_sweep,
@@ -297,6 +298,10 @@ def test_reports_rank_in_the_direction_of_the_recorded_main_metric(tmp_path, mai
     records.append({**records[0], "id": "c", "metrics": {"metric": 0.5, "main_metric": "accuracy"}})
     with pytest.raises(ValueError, match="same direction"):
         write_reports(tmp_path / "mixed", records)
+    # two lower-is-better names (tasks of different kinds in one sweep) keep their shared direction
+    both = [records[1], {**records[0], "id": "d", "metrics": {"metric": 3.0, "main_metric": "perplexity"}}]
+    assert compared_metric(both) == ("loss/perplexity", False)
+    assert compared_metric(both, "eval_accuracy") == ("eval_accuracy", True)
 
 
 def save_tiny_gpt2(folder: Path, words: list[str]) -> Path:

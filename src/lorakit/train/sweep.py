@@ -489,13 +489,13 @@ def top_k_ratio(
     }
 
 
-def compared_metric(records: Sequence[Mapping[str, Any]], metric: str = "metric") -> str:
-    """The metric that ``metric`` ranks by: for the generic ``"metric"``, the ``main_metric`` the cells
-    recorded (e.g. ``"loss"`` for a causal LM, ``"accuracy"``), else ``metric`` itself. Its direction is
-    ``higher_is_better(compared_metric(...))``. Main metrics that go opposite ways raise ``ValueError``.
+def compared_metric(records: Sequence[Mapping[str, Any]], metric: str = "metric") -> tuple[str, bool]:
+    """``(name, higher_is_better)`` of the metric that ``metric`` ranks by: for the generic ``"metric"``,
+    the ``main_metric`` the cells recorded (e.g. ``"loss"`` for a causal LM, ``"accuracy"``; several names
+    are joined with "/"), else ``metric`` itself. Main metrics that go opposite ways raise ``ValueError``.
     """
     if metric != "metric":
-        return metric
+        return metric, higher_is_better(metric)
     names = sorted(
         {
             str(r["metrics"]["main_metric"])
@@ -504,13 +504,14 @@ def compared_metric(records: Sequence[Mapping[str, Any]], metric: str = "metric"
         }
     )
     if not names:
-        return metric
-    if len({higher_is_better(n) for n in names}) > 1:
+        return metric, higher_is_better(metric)
+    directions = {higher_is_better(n) for n in names}
+    if len(directions) > 1:
         raise ValueError(
             f"sweep: the cells' main metrics {names} are not all better in the same direction; "
             "rank by one of the recorded eval_<name> metrics instead (metric='eval_<name>')"
         )
-    return "/".join(names)
+    return "/".join(names), directions.pop()
 
 
 def write_reports(
@@ -518,12 +519,11 @@ def write_reports(
 ) -> dict[str, Any]:
     """Write ``cells.csv``, ``grid.csv``, the heatmaps and ``sweep.json``; returns the ``sweep.json`` data.
 
-    Cells are ranked by ``metric`` in the direction of :func:`compared_metric` (``sweep.json`` records its
-    name as ``main_metric`` and the direction as ``higher_is_better``).
+    Cells are ranked by ``metric`` in the direction :func:`compared_metric` gives (``sweep.json`` records
+    the name as ``main_metric`` and the direction as ``higher_is_better``).
     """
     out = Path(out)
-    main = compared_metric(records, metric)
-    higher = higher_is_better(main)
+    main, higher = compared_metric(records, metric)
     label = metric if main == metric else f"{metric} ({main})"
     _write_cells_csv(out / "cells.csv", records)
     rows = aggregate(records, metric)
