@@ -482,3 +482,9 @@ def test_cli_sweep_help_and_options_a_sweep_would_ignore(tmp_path, monkeypatch, 
     assert cli.main([*grid, "--epochs", "3", "--model", "m"]) == 2
     assert "--model, --epochs would be ignored" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    # engine options of the backend not in use
+    assert cli.main([*grid, "--gpus-per-cell", "0.5"]) == 2
+    assert "--gpus-per-cell: options of Ray" in capsys.readouterr().err
+    assert cli.main([*grid, "--ray-address", "auto", "--workers", "4"]) == 2
+    assert "--workers: options of the local process pool" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -200,6 +200,22 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if args.workers < 1:
         raise LorakitError(f"--workers: expected a positive integer, got {args.workers}")
+    # an engine option of the other backend would be ignored without a word
+    ignored = (
+        [name for name, used in (("--workers", args.workers != 1), ("--gpus", bool(gpus))) if used]
+        if backend == "ray"
+        else [
+            name
+            for name, used in (
+                ("--cpus-per-cell", args.cpus_per_cell != 1.0),
+                ("--gpus-per-cell", args.gpus_per_cell != 0.0),
+            )
+            if used
+        ]
+    )
+    if ignored:
+        other = "the local process pool" if backend == "ray" else "Ray (--ray-address)"
+        raise LorakitError(f"{', '.join(ignored)}: options of {other}, which this sweep does not use")
     cells, fn, context, out = sweep_plan(args)
     result = run_sweep(
         fn,
