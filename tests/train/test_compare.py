@@ -152,3 +152,16 @@ def test_an_interrupted_run_is_resumed_not_restarted(tiny_model, tmp_path):
     assert again.final_metrics == first.final_metrics
     # resumed from step 4: no step was trained again, so the metrics log is unchanged
     assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_an_interrupted_run_whose_data_changed_starts_over(tiny_model, tmp_path):
+    data = _jsonl(tmp_path / "d" / "train.jsonl", _sentences(40, 3))
+    out = tmp_path / "cmp"
+    base = _base(tiny_model, max_steps=4, save_every=2, eval_every=4)
+    (first,) = compare(base, ["lora"], seeds=[0], datasets=[str(data)], out=out).runs
+    (Path(first.run_dir) / "summary.json").unlink()
+    _jsonl(data, _sentences(48, 3))  # more rows: the checkpoint no longer belongs to this data
+    (again,) = compare(base, ["lora"], seeds=[0], datasets=[str(data)], out=out).runs
+    assert again.status == "finished" and again.steps == 4
+    saved = json.loads((Path(again.run_dir) / "config.json").read_text())
+    assert saved["train_size"] + saved["eval_size"] == 48

@@ -25,7 +25,15 @@ import numpy as np
 
 from lorakit.train.data import load_task
 from lorakit.train.methods import MethodSpec, parse_method, slug
-from lorakit.train.run import CONFIG_FILE, SUMMARY_FILE, FinetuneConfig, RunFolder, RunSummary, finetune
+from lorakit.train.run import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    FinetuneConfig,
+    ResumeMismatchError,
+    RunFolder,
+    RunSummary,
+    finetune,
+)
 from lorakit.train.trainer import TrainingDivergedError
 from lorakit.utils import atomic_save_figure, atomic_write_json
 
@@ -138,7 +146,7 @@ def compare(
                 if summary is None:
                     logger.info("compare: %s, %s, seed %d -> %s", task.name, spec.name, seed, run_dir)
                     try:
-                        summary = finetune(config, task=task)
+                        summary = _finetune_or_restart(config, task)
                     except TrainingDivergedError as error:
                         logger.warning("compare: %s", error)
                         summary = RunFolder(run_dir).read_summary()
@@ -149,6 +157,17 @@ def compare(
     atomic_write_json(out / "compare.json", {**result.to_dict(), "base_config": base.to_dict()})
     plot_compare(rows, out / "compare.png")
     return result
+
+
+def _finetune_or_restart(config: FinetuneConfig, task: Any) -> RunSummary:
+    """``finetune``; an interrupted run that can no longer be resumed (its data changed) starts over."""
+    if not config.resume:
+        return finetune(config, task=task)
+    try:
+        return finetune(config, task=task)
+    except ResumeMismatchError as error:
+        logger.warning("compare: cannot resume %s (%s); starting it again", config.out, error)
+        return finetune(replace(config, resume=False), task=task)
 
 
 def _previous_run(run_dir: Path, config: FinetuneConfig) -> tuple[str, RunSummary | None]:

@@ -680,6 +680,10 @@ def load_config_task(config: FinetuneConfig) -> TaskData:
     )
 
 
+class ResumeMismatchError(ValueError):
+    """A resume refused because the run was started with other settings or on other data."""
+
+
 def _check_resume(run: RunFolder, config: FinetuneConfig) -> dict[str, Any]:
     """Refuse to resume without a checkpoint or with a config other than the saved one; the saved info."""
     if run.latest_checkpoint() is None:
@@ -692,7 +696,7 @@ def _check_resume(run: RunFolder, config: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"--resume: {where}: cannot read the saved config ({error})") from error
     if differences:
         listed = "; ".join(f"{name}: saved {old!r}, given {new!r}" for name, old, new in differences)
-        raise ValueError(
+        raise ResumeMismatchError(
             f"--resume: {run.path} was started with other settings ({listed}). A resumed run keeps the "
             f"config saved in {where}: resume with those values, or start a new run in another folder"
         )
@@ -704,7 +708,7 @@ def _check_resume_sizes(run: RunFolder, info: dict[str, Any], train_size: int, e
     for split, size in (("train", train_size), ("eval", eval_size)):
         before = info.get(f"{split}_size")
         if before is not None and before != size:
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"--resume: the data now gives {size} {split} examples; the run in {run.path} was started "
                 f"on {before}. Did the data change? Resume on the same data, or start a new run in another "
                 "folder"
