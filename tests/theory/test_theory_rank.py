@@ -84,3 +84,19 @@ def test_group_rank_ignores_the_round_off_of_its_operands(dtype: torch.dtype, sc
     assert residual_rank(target.weights[0], frozen.weights, rtol=1.0) == 0
     if dtype == torch.float32:
         assert residual_rank(target.weights[0], frozen.weights, rtol=0.0) == D
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_real_change_stays_visible_above_low_precision_rounding(dtype: torch.dtype) -> None:
+    """A rank-4 change of 20% of the weights at D = 128 stored in bf16/fp16: ``D · eps`` relative to the
+    weights would be ≥ 1 and hide it; the rounding-noise floor keeps it and drops the rounding itself."""
+    g = torch.Generator().manual_seed(4)
+    D = 128
+    frozen = torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5
+    change = torch.randn(D, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, D, generator=g, dtype=torch.float64
+    )
+    change *= 0.2 * float(torch.linalg.matrix_norm(frozen, 2)) / float(torch.linalg.matrix_norm(change, 2))
+    target = (frozen + change).to(dtype)
+    assert residual_rank(target, [frozen.to(dtype)]) == 4
+    assert residual_rank(target, [frozen.to(dtype)], rtol=0.0) == D  # the rounding noise is there

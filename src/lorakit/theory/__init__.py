@@ -24,6 +24,7 @@ from lorakit.theory.rank import (
     numerical_rank,
     required_rank,
     residual_rank,
+    rounding_noise,
     uniform_partition,
     uniform_rank,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "numerical_rank",
     "required_rank",
     "residual_rank",
+    "rounding_noise",
     "spectral_rank",
     "uniform_partition",
     "uniform_rank",

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lorakit.theory.rank import rounding_noise
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,20 +92,6 @@ def layer_index(name: str) -> int | None:
         if part.isdigit():
             return int(part)
     return None
-
-
-def rounding_noise(weight: Tensor, eps: float | None = None) -> float:
-    """Spectral size of the storage round-off of ``weight``: ``eps · (largest row norm + largest column
-    norm)``, ``eps`` that of its dtype by default.
-
-    A matrix of independent errors of size up to eps·|w_ij| has a spectral norm of about its largest row norm
-    plus its largest column norm (Latała 2005, "Some estimates of norms of random matrices"); singular values
-    of ``W_tuned - W_base`` below this cannot be told from the rounding of the stored weights.
-    """
-    w = weight.detach().double()
-    if eps is None:
-        eps = torch.finfo(weight.dtype).eps
-    return eps * float(torch.linalg.vector_norm(w, dim=1).max() + torch.linalg.vector_norm(w, dim=0).max())
 
 
 def report_for(

@@ -41,24 +41,40 @@ def numerical_rank(matrix: Tensor, rtol: float | None = None) -> int:
     return int((rtol * S[0] < S).sum())
 
 
+def rounding_noise(weight: Tensor, eps: float | None = None) -> float:
+    """Spectral size of the storage round-off of ``weight``: ``eps · (largest row norm + largest column
+    norm)``, ``eps`` that of its dtype by default.
+
+    A matrix of independent errors of size up to eps·|w_ij| has a spectral norm of about its largest row norm
+    plus its largest column norm (Latała 2005, "Some estimates of norms of random matrices"); singular values
+    of a difference of stored weights below this cannot be told from their rounding.
+    """
+    w = torch.as_tensor(weight).detach().to(torch.float64)
+    if eps is None:
+        eps = torch.finfo(weight.dtype if weight.is_floating_point() else torch.float64).eps
+    return eps * float(torch.linalg.vector_norm(w, dim=1).max() + torch.linalg.vector_norm(w, dim=0).max())
+
+
 def residual_rank(target: Tensor, frozen: Sequence[Tensor], rtol: float | None = None) -> int:
     """Numerical rank of ``E = W̄ - W_L ... W_1`` (``frozen = [W_1, ..., W_L]``), computed in float64.
 
-    E is a difference of two larger matrices, so its round-off is about ``eps · max(‖W̄‖₂, ‖∏W‖₂)`` however
-    small E is: singular values of E count when above ``rtol · max(‖W̄‖₂, ‖∏W‖₂)``. ``rtol`` defaults to
-    ``D · eps`` of the coarsest dtype the weights come in (float32 weights carry float32 rounding even when
-    analysed in float64), the LAPACK ``matrix_rank`` rule applied to the operands' scale.
+    E is a difference of two larger matrices, so its round-off is set by the operands, however small E is.
+    By default a singular value of E counts when above the operands' :func:`rounding_noise` at the eps of
+    the coarsest dtype the weights come in (float32 weights carry float32 rounding even when analysed in
+    float64). An explicit ``rtol`` counts those above ``rtol · max(‖W̄‖₂, ‖∏W‖₂)`` instead.
     """
     tensors = [torch.as_tensor(target), *(torch.as_tensor(w) for w in frozen)]
-    if rtol is None:
-        eps = max(torch.finfo(t.dtype if t.is_floating_point() else torch.float64).eps for t in tensors)
-        rtol = max(tensors[0].shape) * eps
     wanted = tensors[0].detach().to(torch.float64)
     frozen_product = product([w.detach().to(torch.float64) for w in tensors[1:]])
-    scale = max(float(torch.linalg.matrix_norm(m, ord=2)) for m in (wanted, frozen_product))
-    if scale == 0.0:
+    if rtol is None:
+        eps = max(torch.finfo(t.dtype if t.is_floating_point() else torch.float64).eps for t in tensors)
+        floor = max(rounding_noise(m, eps) for m in (wanted, frozen_product))
+    else:
+        floor = rtol * max(float(torch.linalg.matrix_norm(m, ord=2)) for m in (wanted, frozen_product))
+    singular_values = torch.linalg.svdvals(wanted - frozen_product)
+    if singular_values.numel() == 0 or float(singular_values.max()) == 0.0:
         return 0
-    return int((torch.linalg.svdvals(wanted - frozen_product) > rtol * scale).sum())
+    return int((singular_values > floor).sum())
 
 
 def headline_rank(width: int, target_depth: int, frozen_depth: int) -> int:
