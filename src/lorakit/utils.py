@@ -36,10 +36,10 @@ def atomic_write(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     text = {} if "b" in mode else {"encoding": encoding, "newline": newline}
     try:
-        # mkstemp creates the file 0600; give it the permissions open() would (0666 less the umask), or
-        # the existing file's, so results stay readable to whoever could read them before
-        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, mode, **text) as handle:
+            # mkstemp creates the file 0600; give it the permissions open() would (0666 less the umask),
+            # or the existing file's, so results stay readable to whoever could read them before
+            os.chmod(tmp, _mode_for(path))
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -50,13 +50,21 @@ def atomic_write(
         raise
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before threads write files
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_UMASK
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:

@@ -20,3 +20,11 @@ def test_a_reset_starts_a_new_cpu_peak() -> None:
     after, _ = peak_memory()
     assert raised > before + 120
     assert after < raised - 120  # an earlier run's peak does not carry over
+
+
+def test_a_peak_that_could_not_be_reset_is_labelled_the_process_peak(tmp_path, monkeypatch) -> None:
+    from lorakit.train import trainer
+
+    monkeypatch.setattr(trainer, "_PROC_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    reset_peak_memory()
+    assert peak_memory()[1] in ("cpu_process_peak_rss", "cuda_max_allocated")

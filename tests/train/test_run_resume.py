@@ -201,3 +201,19 @@ def test_resume_removes_temporaries_a_killed_write_left(runs, tiny_model, sentim
     finetune(_config(tiny_model, sentiment_files, run_dir, resume=True, **RUN))
     assert not any(path.exists() for path in stale)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_before_a_fresh_run_cleared_the_folder_does_not_offer_the_earlier_run(
+    runs, sentiment_files, tmp_path, capsys, monkeypatch
+):
+    import lorakit.train.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. while the data loads, before the earlier run's files are removed
+
+    out = _copy(runs, "crashed", tmp_path)  # an earlier loraplus run with a step-4 checkpoint
+    monkeypatch.setattr(run_module, "finetune", interrupted)
+    data = ["--data", sentiment_files / "train.tsv", "--eval-data", sentiment_files / "dev.tsv"]
+    assert _cli(*data, "--method", "asym", "--no-progress", "--out", out) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nothing to resume" in err and "--resume" not in err.replace("nothing to resume", "")

@@ -421,7 +421,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     except _user_errors() as error:
         _raise_as_user_error(error)
     except KeyboardInterrupt:
-        _report_interrupt(config.out if config is not None else args.out)
+        _report_interrupt(config.out if config is not None else args.out, config)
         return 130
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in summary.final_metrics.items())
     print(f"{summary.method} on {summary.task}: {metrics}")
@@ -527,11 +527,20 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
-def _report_interrupt(out: str | None) -> None:
+def _report_interrupt(out: str | None, config: Any = None) -> None:
     """One line on Ctrl-C: where the last checkpoint is and how to continue from it."""
-    from lorakit.train.run import RunFolder
+    from lorakit.train.run import CONFIG_FILE, RunFolder, config_differences
 
     latest = RunFolder(out).latest_checkpoint() if out else None
+    if latest is not None and config is not None:
+        # a fresh run clears the folder only once its data has loaded: the checkpoint may be an earlier run's
+        try:
+            saved = json.loads((Path(out) / CONFIG_FILE).read_text())["config"]
+            earlier = bool(config_differences(saved, config))
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = True
+        if earlier:
+            latest = None
     if latest is None:
         message = "interrupted before the first checkpoint; nothing to resume (rerun to start again)"
     else:

@@ -177,6 +177,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+_cpu_peak_was_reset = False  # whether the last reset_peak_memory() reset the CPU peak
 
 
 def reset_peak_memory() -> None:
@@ -187,8 +188,12 @@ def reset_peak_memory() -> None:
     """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    with contextlib.suppress(OSError):
+    global _cpu_peak_was_reset
+    try:
         _PROC_CLEAR_REFS.write_text("5")
+        _cpu_peak_was_reset = True
+    except OSError:
+        _cpu_peak_was_reset = False
 
 
 def peak_memory() -> tuple[float, str]:
@@ -197,10 +202,11 @@ def peak_memory() -> tuple[float, str]:
     (``cpu_process_peak_rss``)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    kind = "cpu_peak_rss" if _cpu_peak_was_reset else "cpu_process_peak_rss"
     try:
         for line in _PROC_STATUS.read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 2**10, "cpu_peak_rss"  # the line is in kB
+                return float(line.split()[1]) / 2**10, kind  # the line is in kB
     except OSError:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
