@@ -289,14 +289,7 @@ def load(model: nn.Module, directory: str | os.PathLike, strict: bool = True) ->
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from error
     if any(True for _ in lora_layers(model)):
-        expected = _expected_tensors(model)
-        _check_tensors(
-            weights_path,
-            tensors,
-            {k: tuple(v.shape) for k, v in expected.items()},
-            strict,
-            type(model).__name__,
-        )
+        expected = _checked_targets(model, tensors, weights_path, strict)
         _check_layers_agree(model, config, tensors, weights_path, compare_train=not from_peft)
         _copy(tensors, expected)
         return model
@@ -312,14 +305,7 @@ def load(model: nn.Module, directory: str | os.PathLike, strict: bool = True) ->
     fastpath = _fastpath_enabled()
     try:
         inject(model, config)
-        expected = _expected_tensors(model)
-        _check_tensors(
-            weights_path,
-            tensors,
-            {k: tuple(v.shape) for k, v in expected.items()},
-            strict,
-            type(model).__name__,
-        )
+        expected = _checked_targets(model, tensors, weights_path, strict)
         _copy(tensors, expected)
     except BaseException:
         # Put the model back as it was: original modules (a LoRA layer holds its base module itself),
@@ -437,6 +423,16 @@ def _copy(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
     with torch.no_grad():
         for key, value in values.items():
             expected[key].copy_(value)
+
+
+def _checked_targets(
+    model: nn.Module, tensors: dict[str, torch.Tensor], weights_path: Path, strict: bool
+) -> dict[str, torch.Tensor]:
+    """The model's adapter tensors, keyed as in the file, after checking the file's tensors against them."""
+    expected = _expected_tensors(model)
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    _check_tensors(weights_path, tensors, shapes, strict, type(model).__name__)
+    return expected
 
 
 def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

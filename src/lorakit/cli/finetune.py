@@ -442,7 +442,7 @@ def _finetune_config(args: argparse.Namespace, given: set[str]) -> tuple[Any, An
     With --resume the run folder's saved config is the source of truth: options left out take its values,
     and an option given with another value is an error naming it (display options excepted).
     """
-    from lorakit.train.run import default_run_dir, load_config_task
+    from lorakit.train.run import TASK_FIELDS, default_run_dir, load_config_task
 
     config = _base_config(
         args,
@@ -460,23 +460,8 @@ def _finetune_config(args: argparse.Namespace, given: set[str]) -> tuple[Any, An
     if not args.resume:
         return config, task
     resumed = _resumed_config(args, given, config.out)
-    same_data = all(getattr(resumed, name) == getattr(config, name) for name in _TASK_FIELDS)
+    same_data = all(getattr(resumed, name) == getattr(config, name) for name in TASK_FIELDS)
     return resumed, task if same_data else None
-
-
-# The FinetuneConfig fields that decide the loaded task (see lorakit.train.run.load_config_task).
-_TASK_FIELDS = (
-    "data",
-    "eval_data",
-    "text_cols",
-    "label_col",
-    "task",
-    "labels",
-    "eval_fraction",
-    "seed",
-    "tweets_train",
-    "tweets_eval",
-)
 
 
 def _resumed_config(args: argparse.Namespace, given: set[str], out: str) -> Any:

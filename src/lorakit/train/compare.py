@@ -161,8 +161,6 @@ def compare(
 
 def _finetune_or_restart(config: FinetuneConfig, task: Any) -> RunSummary:
     """``finetune``; an interrupted run that can no longer be resumed (its data changed) starts over."""
-    if not config.resume:
-        return finetune(config, task=task)
     try:
         return finetune(config, task=task)
     except ResumeMismatchError as error:

@@ -664,6 +664,21 @@ def finetune(
     return summary
 
 
+# The FinetuneConfig fields load_config_task reads: two configs equal in these load the same task.
+TASK_FIELDS = (
+    "data",
+    "eval_data",
+    "text_cols",
+    "label_col",
+    "task",
+    "labels",
+    "eval_fraction",
+    "seed",
+    "tweets_train",
+    "tweets_eval",
+)
+
+
 def load_config_task(config: FinetuneConfig) -> TaskData:
     """The task ``config`` describes (what :func:`finetune` loads when it is given none)."""
     return load_task(
