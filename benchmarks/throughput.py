@@ -39,13 +39,16 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
 # Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton; the
 # fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
-# lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True).
+# lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
+# too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight.
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
     "lorakit-mergeonly",
     "lorakit-savemerged",
     "lorakit-frozenA-savemerged",
+    "lorakit-eagergrad",
+    "lorakit-savemerged-eagergrad",
 ]
 TRITON_KERNELS = {"lorakit-notriton": frozenset(), "lorakit-mergeonly": frozenset({"merge"})}
 PEER = {
@@ -56,6 +59,8 @@ PEER = {
     "lorakit-mergeonly": "peft-bf16",
     "lorakit-savemerged": "peft-bf16",
     "lorakit-frozenA-savemerged": "peft-bf16-frozenA",
+    "lorakit-eagergrad": "peft-bf16",
+    "lorakit-savemerged-eagergrad": "peft-bf16",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -63,6 +68,8 @@ TARGET_VS_NONE = {
     "lorakit-savemerged": 0.95,
     "lorakit-frozenA-savemerged": 0.97,
 }
+# eager variants profiled with --profile
+PROFILED = ("no-adapter", "peft-bf16", "lorakit", "lorakit-savemerged", "lorakit-eagergrad")
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -94,7 +101,13 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
         for dtype in (torch.bfloat16, torch.float32)
         for train in ("AB", "B", "A")
         for transposed in (False, True)
-        for strategy, p in (("merged", 0.0), ("merged+saved", 0.0), ("addmm", 0.0), ("auto", 0.1))
+        for strategy, p in (
+            ("merged", 0.0),
+            ("merged+saved", 0.0),
+            ("merged+eagergrad", 0.0),  # the one-pass G/dB kernel, used in eager with GRAD_PASS_IN_EAGER
+            ("addmm", 0.0),
+            ("auto", 0.1),
+        )
     ]
     gen = torch.Generator(device=device).manual_seed(1234)
     for dtype, train, transposed, strategy, p in cases:
@@ -131,12 +144,16 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
             y.backward(g.to(cast))
             return [y, xs.grad, a_.grad, b_.grad]
 
-        got = run(
-            lora_linear,
-            dtype,
-            strategy=strategy.removesuffix("+saved"),
-            save_merged_weight=strategy.endswith("+saved"),
-        )
+        fused.GRAD_PASS_IN_EAGER = strategy.endswith("+eagergrad")
+        try:
+            got = run(
+                lora_linear,
+                dtype,
+                strategy=strategy.split("+")[0],
+                save_merged_weight=strategy.endswith("+saved"),
+            )
+        finally:
+            fused.GRAD_PASS_IN_EAGER = False
         want = run(reference_lora_linear, torch.float64)
         errs = {}
         for name, gt, wt in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
@@ -252,7 +269,7 @@ def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.
         init="orthonormal-a" if frozen_a else "lora",
         train="B" if frozen_a else "AB",
         kernel="reference" if variant == "lorakit-reference" else "fused",
-        save_merged_weight=variant.endswith("-savemerged"),
+        save_merged_weight="-savemerged" in variant,
     )
     lorakit.inject(model, cfg)
     with torch.no_grad():
@@ -313,6 +330,7 @@ def measure(
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
+    fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)
     ids = torch.randint(
@@ -640,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled_ok = True  # the compiled path has its own kernel (the one-pass G/dB), checked here when asked
     if args.compile_check and lorakit_ok:
         # one check per setting of save_merged_weight among the lorakit variants asked for
-        saved = sorted({v.endswith("-savemerged") for v in variants if v.startswith("lorakit")})
+        saved = sorted({"-savemerged" in v for v in variants if v.startswith("lorakit")})
         report["compile_check"] = [compile_check(device, flag) for flag in saved or [False]]
         LOG.info("compile check: %s", report["compile_check"])
         compiled_ok = all(check["ok"] for check in report["compile_check"])
@@ -656,11 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             if mode == "compile" and variant.startswith("lorakit") and not compiled_ok:
                 continue
-            prof = (
-                profile_path
-                if (mode == "eager" and variant in ("no-adapter", "peft-bf16", "lorakit"))
-                else None
-            )
+            prof = profile_path if (mode == "eager" and variant in PROFILED) else None
             result = measure(
                 spec, variant, mode == "compile", device, args.warmup, args.steps, args.repeats, prof
             )

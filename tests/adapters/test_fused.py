@@ -176,6 +176,38 @@ def test_output_can_be_modified_in_place(strategy):
         assert rel_err(got, want) <= 1e-10
 
 
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3, 4)], ids=["1d", "2d", "4d"])
+@pytest.mark.parametrize("strategy", ["merged", "addmm", "auto-dropout"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_any_leading_shape_and_gradient_layout(lead, strategy, transposed, bias):
+    """The Function keeps x's leading dimensions (no reshape on the forward path): 1-D to 4-D inputs, and
+    upstream gradients that are expanded (stride 0, as from ``sum()``) or transposed, match the reference."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*lead, IN, generator=g, dtype=torch.float64, requires_grad=True)
+    w_shape = (IN, OUT) if transposed else (OUT, IN)
+    weight = torch.randn(*w_shape, generator=g, dtype=torch.float64)
+    b = torch.randn(OUT, generator=g, dtype=torch.float64) if bias else None
+    lora_a = torch.randn(R, IN, generator=g, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(OUT, R, generator=g, dtype=torch.float64, requires_grad=True)
+    p = 0.3 if strategy == "auto-dropout" else 0.0
+    mask = dropout_mask(x, p) if p else None
+    kwargs = {"strategy": "auto" if p else strategy}
+    outs = []
+    for fn, extra in ((lora_linear, kwargs), (reference_lora_linear, {})):
+        for t in (x, lora_a, lora_b):
+            t.grad = None
+        y = fn(x, weight, b, lora_a, lora_b, 2.0, p, p > 0, transposed, dropout_mask=mask, **extra)
+        # sum() sends an expanded gradient; the transpose of a 2-D+ output a non-contiguous one.
+        y_t = y.transpose(0, -1)
+        loss = y.sum() + (y_t * torch.arange(y.numel(), dtype=y.dtype).view(y_t.shape)).sum()
+        loss.backward()
+        outs.append([y.detach(), x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone()])
+    assert outs[0][0].shape == (*lead, OUT)
+    for got, want in zip(*outs, strict=True):
+        assert rel_err(got, want) <= 1e-10
+
+
 def test_compile_fullgraph_matches_eager():
     block = _Block()
     x = torch.randn(4, 6, IN, requires_grad=True)

@@ -64,6 +64,10 @@ def _triton_kernels_from_env(value: str) -> frozenset[str]:
 #: Triton kernels the fused path may use on CUDA: "merge" (the merged weight) and "grad" (G and dB from
 #: one read of dY). Set from ``LORAKIT_TRITON``; assign a set here to change it in-process.
 TRITON_KERNELS = _triton_kernels_from_env(os.environ.get("LORAKIT_TRITON", "1"))
+#: Also use the one-pass G/dB kernel in eager (it is always used under ``torch.compile``). Off by default:
+#: its Python launch costs more host time than the two cuBLAS GEMMs it replaces, and eager LoRA steps are
+#: bound by host time; on the H100 host it lost 3–8% of eager throughput (benchmarks/RESULTS.md).
+GRAD_PASS_IN_EAGER = False
 STRATEGIES = ("auto", "merged", "addmm")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
@@ -109,13 +113,13 @@ def _use_triton(kernel: str, t: torch.Tensor) -> bool:
 
 
 def _use_grad_pass(g: torch.Tensor) -> bool:
-    """The one-pass G/dB kernel, only under ``torch.compile``: it saves GPU time (1.8× faster than the
-    two cuBLAS GEMMs) but its Python launch costs more CPU than they do, and eager LoRA steps are bound by
-    CPU launch time (eager: 55.2k vs 58.3k tok/s with it off, benchmarks/RESULTS.md)."""
+    """The one-pass G/dB kernel: under ``torch.compile`` always, in eager only with
+    :data:`GRAD_PASS_IN_EAGER`. It saves GPU time (1.8× faster than the two cuBLAS GEMMs) but its Python
+    launch costs more CPU than they do (benchmarks/RESULTS.md)."""
     return (
         g.dtype in (torch.bfloat16, torch.float16)
         and _use_triton("grad", g)
-        and torch.compiler.is_compiling()
+        and (GRAD_PASS_IN_EAGER or torch.compiler.is_compiling())
     )
 
 
@@ -153,26 +157,26 @@ def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return (a @ b).to(dtype)
 
 
-def _base(
-    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
-) -> torch.Tensor:
-    if transposed:
-        return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
-    return F.linear(x2, weight, bias)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) as (T, n)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """``x Wᵀ + b`` as (..., out), a tensor autograd does not see as a view (so in-place ops after the layer
+    work: autograd forbids them on a view returned by a Function). ``matmul`` folds the leading dimensions
+    through ``_unsafe_view`` itself; ``addmm`` needs 2-D input, and its result is unviewed the same way."""
+    w_t = weight if transposed else weight.t()
+    if bias is None:
+        return x @ w_t
+    if x.dim() == 2:
+        return torch.addmm(bias, x, w_t)
+    y = torch.addmm(bias, _rows(x), w_t)
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return g @ (weight.t() if transposed else weight)
-
-
-def _as_output(y2: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
-    """``y2`` (T × out) reshaped to (..., out) over the same memory, as a tensor autograd sees as no view.
-
-    Autograd forbids in-place ops on an ``autograd.Function`` output that is a view (e.g. a following
-    ``ReLU(inplace=True)``); a plain ``reshape`` would return one. ``_unsafe_view`` is what ``torch.matmul``
-    uses for the same purpose.
-    """
-    return torch.ops.aten._unsafe_view(y2, (*lead_shape, y2.shape[1]))
 
 
 def _use_merged(strategy: str, tokens: int, in_f: int, out_f: int, has_mask: bool) -> bool:
@@ -187,7 +191,12 @@ def _use_merged(strategy: str, tokens: int, in_f: int, out_f: int, has_mask: boo
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """Forward/backward of the LoRA linear; see the module docstring for the formulas."""
+    """Forward/backward of the LoRA linear; see the module docstring for the formulas.
+
+    The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, merged, need_dx, train_a,
+    train_b, save_merged_weight): ``apply`` costs host time per argument, and eager LoRA steps are bound by
+    host time. Activations keep their leading dimensions, so no reshape runs on the forward's hot path.
+    """
 
     @staticmethod
     def forward(
@@ -198,50 +207,41 @@ class _LoraLinearFunction(torch.autograd.Function):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         mask: torch.Tensor | None,
-        scaling: float,
-        dropout_p: float,
-        transposed: bool,
-        merged: bool,
-        need_dx: bool,
-        train_a: bool,
-        train_b: bool,
-        save_merged_weight: bool,
+        flags: tuple,
     ) -> torch.Tensor:
+        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b, save_merged_weight = flags
         dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
         if weight.dtype != dtype:  # checked here: a no-op .to() still costs a dispatch per call in eager
             weight = weight.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        mask2 = None if mask is None else mask.reshape(x2.shape)
-        u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
+        u = None  # s · dropout(x) Aᵀ, (..., r), kept for dB
         kept = (None, None)  # the merged weight and s·B, when saved for backward
         if merged:
             merged_weight, a_s, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             if save_merged_weight and need_dx:
                 kept = (merged_weight, b_s)
-            y = _base(x2, merged_weight, bias, transposed)
+            y = _base(x, merged_weight, bias, transposed)
             if train_b:
-                u = x2 @ a_s.t()
+                u = x @ a_s.t()
         else:
             # Cast the r-sized factors, never x.
-            y = _base(x2, weight, bias, transposed)
-            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
-            u = xd @ (lora_A * scaling).to(dtype).t()
-            y.addmm_(u, lora_B.to(dtype).t())
+            y = _base(x, weight, bias, transposed)
+            xd = x if mask is None else _apply_mask(x, mask, dropout_p)
+            u = _rows(xd) @ (lora_A * scaling).to(dtype).t()
+            _rows(y).addmm_(u, lora_B.to(dtype).t())  # y is fresh and contiguous: its rows view is y
         ctx.save_for_backward(
-            x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B, *kept
+            x if train_a else None, u if train_b else None, mask, weight, lora_A, lora_B, *kept
         )
-        ctx.flags = (scaling, dropout_p, transposed, merged, need_dx, train_a, train_b)
-        ctx.x_shape = x.shape
-        return _as_output(y, x.shape[:-1])
+        ctx.flags = flags
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         # merged_weight and b_s (s·B in the activation dtype) are None unless save_merged_weight kept them
-        x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
-        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b = ctx.flags
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x, u, mask, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
+        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b, _ = ctx.flags
+        g = grad_out
         dtype = g.dtype
         dx = d_a = d_b = None
         if need_dx and merged:
@@ -253,25 +253,23 @@ class _LoraLinearFunction(torch.autograd.Function):
         gb = None  # G (sB), T×r
         if train_a or (need_dx and not merged):
             if train_b and _use_grad_pass(g):
-                gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
+                gb, d_b = triton_lora.lora_grad_pass(_rows(g), b_s, _rows(u))  # one read of G for both
                 if d_b.dtype != lora_B.dtype:
                     d_b = d_b.to(lora_B.dtype)
             else:
-                gb = g @ b_s
+                gb = _rows(g) @ b_s
         if need_dx and not merged:
             dx = _input_grad(g, weight, transposed)
-            if mask2 is None:
-                dx.addmm_(gb, lora_A.to(dtype))
+            if mask is None:
+                _rows(dx).addmm_(gb, lora_A.to(dtype))
             else:
-                dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
+                dx.add_(_apply_mask((gb @ lora_A.to(dtype)).view(dx.shape), mask, dropout_p))
         if train_a:
-            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
-            d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
+            xd = x if mask is None else _apply_mask(x, mask, dropout_p)
+            d_a = _matmul_as(gb.t(), _rows(xd), lora_A.dtype)
         if train_b and d_b is None:
-            d_b = _matmul_as(g.t(), u, lora_B.dtype)
-        return dx, None, None, d_a, d_b, None, None, None, None, None, None, None, None, None
+            d_b = _matmul_as(_rows(g).t(), _rows(u), lora_B.dtype)
+        return dx, None, None, d_a, d_b, None, None
 
 
 def lora_linear(
@@ -339,12 +337,7 @@ def lora_linear(
     need_dx = grad_on and x.requires_grad
     train_a = grad_on and lora_A.requires_grad
     train_b = grad_on and lora_B.requires_grad
-    args = (
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        mask,
+    flags = (
         float(scaling),
         float(dropout_p),
         bool(transposed_weight),
@@ -354,6 +347,7 @@ def lora_linear(
         train_b,
         bool(save_merged_weight),
     )
+    args = (weight, bias, lora_A, lora_B, mask, flags)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Under autocast a Linear runs in the autocast dtype: cast x as F.linear would, then run the
