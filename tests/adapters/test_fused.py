@@ -224,6 +224,41 @@ def test_compile_fullgraph_matches_eager():
         assert rel_err(g, w) <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["1d", "transposed", "expanded"])
+def test_compiled_output_is_no_view_for_any_input_layout(layout):
+    """Under ``torch.compile`` matmul's decomposition returns a view for 1-D or unfoldable N-D inputs; the
+    layer must still return a non-view (the block applies ``relu_`` to it) and match eager."""
+    base = torch.randn(6, 4, IN)
+    x = {
+        "1d": torch.randn(IN),
+        "transposed": base.transpose(0, 1),
+        "expanded": torch.randn(1, 4, IN).expand(3, 4, IN),
+    }[layout].requires_grad_(True)
+    block = _Block()
+    eager_out = block(x)
+    eager_out.square().sum().backward()
+    eager = [x.grad.clone()] + [p.grad.clone() for p in (block.a1, block.b1, block.b2)]
+    x.grad = None
+    block.zero_grad()
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    out.square().sum().backward()
+    assert rel_err(out, eager_out) <= 1e-5
+    for g, w in zip([x.grad] + [p.grad for p in (block.a1, block.b1, block.b2)], eager, strict=True):
+        assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["merged", "addmm"])
+def test_rank_zero_is_the_base_layer(strategy):
+    x = torch.randn(3, 5, IN, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(OUT, IN, dtype=torch.float64)
+    lora_a = torch.zeros(0, IN, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.zeros(OUT, 0, dtype=torch.float64, requires_grad=True)
+    y = lora_linear(x, weight, None, lora_a, lora_b, 2.0, strategy=strategy)
+    y.sum().backward()
+    assert rel_err(y, x @ weight.T) <= 1e-12
+    assert lora_a.grad.shape == (0, IN) and lora_b.grad.shape == (OUT, 0)
+
+
 def test_injected_layers_fused_equals_reference_kernel():
     """Through lorakit.inject: kernel="fused" (this module) and kernel="reference" give the same grads."""
     import lorakit

@@ -38,6 +38,7 @@ registered Triton op, so ``torch.compile`` traces the Function without graph bre
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -159,21 +160,18 @@ def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., n) as (T, n)."""
-    return t.reshape(-1, t.shape[-1])
+    """(..., n) as (T, n); also for n = 0, where ``reshape(-1, 0)`` is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """``x Wᵀ + b`` as (..., out), a tensor autograd does not see as a view (so in-place ops after the layer
-    work: autograd forbids them on a view returned by a Function). ``matmul`` folds the leading dimensions
-    through ``_unsafe_view`` itself; ``addmm`` needs 2-D input, and its result is unviewed the same way."""
+    """``x Wᵀ + b`` as (..., out), a tensor autograd does not see as a view (autograd forbids in-place ops,
+    e.g. a ReLU(inplace=True) after the layer, on a view returned by a Function). An N-D ``x @ W`` is not
+    enough: under ``torch.compile`` matmul's decomposition returns a view for 1-D or unfoldable inputs."""
     w_t = weight if transposed else weight.t()
-    if bias is None:
-        return x @ w_t
-    if x.dim() == 2:
-        return torch.addmm(bias, x, w_t)
-    y = torch.addmm(bias, _rows(x), w_t)
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+    x2 = x if x.dim() == 2 else _rows(x)
+    y = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -196,7 +194,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, merged, need_dx, train_a,
     train_b, save_merged_weight): ``apply`` costs host time per argument, and eager LoRA steps are bound by
-    host time. Activations keep their leading dimensions, so no reshape runs on the forward's hot path.
+    host time. Saved activations keep their leading dimensions; backward flattens them only where a 2-D
+    GEMM needs it.
     """
 
     @staticmethod
