@@ -194,8 +194,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, merged, need_dx, train_a,
     train_b, save_merged_weight): ``apply`` costs host time per argument, and eager LoRA steps are bound by
-    host time. Saved activations keep their leading dimensions; backward flattens them only where a 2-D
-    GEMM needs it.
+    host time. Saved activations keep their leading dimensions; backward flattens each once for its 2-D
+    GEMMs.
     """
 
     @staticmethod
@@ -241,7 +241,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         # merged_weight and b_s (s·B in the activation dtype) are None unless save_merged_weight kept them
         x, u, mask, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
         scaling, dropout_p, transposed, merged, need_dx, train_a, train_b, _ = ctx.flags
-        g = grad_out
+        g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
         dx = d_a = d_b = None
         if need_dx and merged:
@@ -250,25 +250,28 @@ class _LoraLinearFunction(torch.autograd.Function):
             dx = _input_grad(g, merged_weight, transposed)
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
+        u2 = None if u is None else _rows(u)
         gb = None  # G (sB), T×r
         if train_a or (need_dx and not merged):
             if train_b and _use_grad_pass(g):
-                gb, d_b = triton_lora.lora_grad_pass(_rows(g), b_s, _rows(u))  # one read of G for both
+                gb, d_b = triton_lora.lora_grad_pass(g, b_s, u2)  # one read of G for both
                 if d_b.dtype != lora_B.dtype:
                     d_b = d_b.to(lora_B.dtype)
             else:
-                gb = _rows(g) @ b_s
+                gb = g @ b_s
         if need_dx and not merged:
             dx = _input_grad(g, weight, transposed)
             if mask is None:
-                _rows(dx).addmm_(gb, lora_A.to(dtype))
+                dx.addmm_(gb, lora_A.to(dtype))
             else:
-                dx.add_(_apply_mask((gb @ lora_A.to(dtype)).view(dx.shape), mask, dropout_p))
+                dx.add_(_apply_mask(gb @ lora_A.to(dtype), _rows(mask), dropout_p))
+        if dx is not None:
+            dx = dx.view(*grad_out.shape[:-1], dx.shape[-1])
         if train_a:
             xd = x if mask is None else _apply_mask(x, mask, dropout_p)
             d_a = _matmul_as(gb.t(), _rows(xd), lora_A.dtype)
         if train_b and d_b is None:
-            d_b = _matmul_as(_rows(g).t(), _rows(u), lora_B.dtype)
+            d_b = _matmul_as(g.t(), u2, lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None
 
 
