@@ -22,21 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from model_shapes import PROJECTIONS
 
 from lorakit.utils import atomic_write_json
 
 logger = logging.getLogger("folded_u_gemm")
 
-#: (in, out) per projection of the default throughput model (benchmarks/throughput.py)
-PROJECTIONS = {
-    "q": (2048, 2048),
-    "k": (2048, 512),
-    "v": (2048, 512),
-    "o": (2048, 2048),
-    "gate": (2048, 8192),
-    "up": (2048, 8192),
-    "down": (8192, 2048),
-}
 VARIANTS = ("base", "separate", "stacked", "stacked+copy")
 
 

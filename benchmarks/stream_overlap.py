@@ -8,11 +8,12 @@ base GEMM and a few memory-bound rank-r kernels that do not depend on it:
   ``dX``).
 
 This script times each projection shape of the default throughput model (T tokens, bf16) two ways: serial
-(everything on one stream, as the library runs now) and overlapped (the rank-r kernels on a side stream
-that waits for the merge, the base GEMM on the main stream, then the main stream waits for the side one).
-It also times the parts alone, so ``ideal = merge + max(GEMM, rank-r)`` shows how much of the rank-r time
-the overlap hides. Overlapped results are checked against serial ones before timing. Needs a CUDA GPU and
-Triton.
+(everything on one stream, with the kernels the library uses under ``torch.compile``, launched eagerly) and
+overlapped (the rank-r kernels on a side stream that waits for the merge, the base GEMM on the main stream,
+then the main stream waits for the side one). It also times the parts alone, each with L2 flushed, for
+``ideal = merge + max(GEMM, rank-r)``: a guide to how much of the rank-r time an overlap could hide, not a
+strict bound. Overlapped results are checked against serial ones before timing. The small shapes are bound
+by host launch time in this setting, so their per-call times are not GPU times. Needs a CUDA GPU and Triton.
 
     PYTHONPATH=src python benchmarks/stream_overlap.py --out out/stream_overlap.json
 """
@@ -21,23 +22,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from model_shapes import distinct_shapes
 
 from lorakit.adapters import triton_lora
 from lorakit.utils import atomic_write_json
 
 logger = logging.getLogger("stream_overlap")
-
-#: (in, out) and count per decoder layer of the default throughput model (benchmarks/throughput.py)
-PROJECTIONS = {
-    "q/o": ((2048, 2048), 2),
-    "k/v": ((2048, 512), 2),
-    "gate/up": ((2048, 8192), 2),
-    "down": ((8192, 2048), 1),
-}
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -151,7 +146,7 @@ def main() -> None:
     warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     bench_ms(lambda: warm @ warm)  # steady clocks before the first shape
     rows, totals = {}, {}
-    for name, ((in_f, out_f), count) in PROJECTIONS.items():
+    for name, ((in_f, out_f), count) in distinct_shapes().items():
         row = rows[name] = measure(in_f, out_f, args.tokens, args.rank)
         for direction in ("forward", "backward"):
             for key, ms in row[direction].items():
@@ -165,7 +160,16 @@ def main() -> None:
                 *(row[direction][k] for k in ("serial_ms", "overlapped_ms", "ideal_ms", "rank_r_ms")),
             )
     logger.info("per step of %d layers (ms): %s", args.layers, {k: round(v, 2) for k, v in totals.items()})
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args)}
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit.stdout.strip() or None,
+        "settings": vars(args),
+    }
     atomic_write_json(args.out, {"env": env, "projections": rows, "per_step_ms": totals})
 
 
