@@ -26,4 +26,6 @@ base = BertForSequenceClassification(config)
 base.load_state_dict(base_state)
 peft_model = PeftModel.from_pretrained(base, "quickstart-adapter").eval()
 model.eval()
-print("max |lorakit - peft| =", (model(batch).logits - peft_model(batch).logits).abs().max().item())
+difference = (model(batch).logits - peft_model(batch).logits).abs().max().item()
+print("max |lorakit - peft| =", difference)
+assert difference < 1e-5, "PEFT's reading of the saved adapter disagrees with lorakit's model"

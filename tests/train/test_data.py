@@ -136,6 +136,25 @@ def test_eval_split_label_map_and_skip(tmp_path):
         parse_label_map("neg:0")
 
 
+def test_eval_split_encoding(tmp_path):
+    """A latin-1 file fails as UTF-8 with a hint to name the encoding, and loads with ``encoding``."""
+    path = tmp_path / "tweets.csv"
+    path.write_bytes("text,sentiment\ncaf\u00e9 ok,positive\nna\u00efve no,negative\n".encode("latin-1"))
+    kwargs = {
+        "task_type": "classification",
+        "label_names": ["0", "1"],
+        "label_map": parse_label_map("negative=0,positive=1"),
+    }
+    with pytest.raises(
+        DataError, match=r"tweets\.csv: cannot decode the file as utf-8-sig.*--encoding latin-1"
+    ):
+        load_eval_split(path, **kwargs)
+    split, _, _ = load_eval_split(path, encoding="latin-1", **kwargs)
+    assert split.texts == [("caf\u00e9 ok",), ("na\u00efve no",)] and split.labels == [1, 0]
+    with pytest.raises(DataError, match="unknown text encoding 'no-such-codec'"):
+        load_eval_split(path, encoding="no-such-codec", **kwargs)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "kwargs", "message"),
     [

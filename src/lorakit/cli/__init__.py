@@ -20,11 +20,25 @@ class LorakitError(Exception):
     """An error caused by user input: printed as one clear line, without a traceback."""
 
 
+class ExampleFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an epilog starting with "example" is printed as written: wrapping
+    it would break a command (argparse also breaks words at hyphens, e.g. inside a path)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
         description="LoRA, LoRA+ and asymmetric LoRA: fine-tune, compare, analyse and reproduce the papers.",
-        epilog="Run 'lorakit COMMAND --help' for each command's options and an example.",
+        epilog=(
+            "example: lorakit compare    # LoRA vs LoRA+ vs asymmetric LoRA on the embedded default data\n"
+            "Run 'lorakit COMMAND --help' for each command's options and an example."
+        ),
+        formatter_class=ExampleFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

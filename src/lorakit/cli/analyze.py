@@ -30,7 +30,7 @@ from lorakit.analysis.similarity import (
     plot_pairwise,
 )
 from lorakit.analysis.spectrum import ENERGY_LEVELS, SpectrumStats, delta_spectrum
-from lorakit.cli import LorakitError
+from lorakit.cli import ExampleFormatter, LorakitError
 from lorakit.utils import atomic_save_figure, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="analyse saved adapters: A/B/ΔW subspace similarity across runs, ΔW spectra",
         description="Analyse saved LoRA adapters (PEFT or lorakit folders) without loading a model.",
         epilog="example: lorakit analyze similarity runs/sst2 runs/rte --out runs/sim",
+        formatter_class=ExampleFormatter,
     )
     commands = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
 
@@ -56,9 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "bit-identical: its similarity is trivially 1 and is flagged."
         ),
         epilog=(
-            "example: lorakit analyze similarity runs/sst2/seed0 runs/rte/seed0 runs/cola/seed0 "
-            "--labels sst2 rte cola --out runs/similarity"
+            "example: lorakit analyze similarity runs/sst2/seed0 runs/rte/seed0 runs/cola/seed0 \\\n"
+            "             --labels sst2 rte cola --out runs/similarity"
         ),
+        formatter_class=ExampleFormatter,
     )
     sim.add_argument("runs", nargs="+", metavar="RUN", help="adapter or run folders (at least two)")
     sim.add_argument("--labels", nargs="+", help="display names, one per RUN (default: folder names)")
@@ -82,9 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="singular values, effective rank and 90/99%%-energy rank of each ΔW",
         description=(
             "Per adapted module: singular values of ΔW = sBA, effective rank (Roy & Vetterli), stable rank "
-            "and the smallest rank keeping 90%% / 99%% of ‖ΔW‖_F² — the rank a rank advisor should aim for."
+            "and the smallest rank keeping 90% / 99% of ‖ΔW‖_F² — the rank a rank advisor should aim for."
         ),
         epilog="example: lorakit analyze spectrum runs/sst2 --out runs/sst2/spectrum",
+        formatter_class=ExampleFormatter,
     )
     spec.add_argument("run", metavar="RUN", help="adapter or run folder")
     spec.add_argument("--out", type=Path, help="output folder (default: RUN/analysis)")

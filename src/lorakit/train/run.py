@@ -777,11 +777,13 @@ def evaluate_run(
     batch_size: int = 64,
     max_samples: int | None = None,
     out: str | os.PathLike | None = None,
+    encoding: str | None = None,
 ) -> dict[str, Any]:
     """Score a run's final adapter on another dataset with the same label space (out-of-distribution).
 
     Labels of ``data`` are mapped through ``label_map`` to the run's label names; rows whose label is in
-    ``skip_labels`` are dropped. Writes ``RUN/eval-<data name>.json`` (or ``out``) and returns the result.
+    ``skip_labels`` are dropped; ``encoding`` names the file's text encoding (default UTF-8). Writes
+    ``RUN/eval-<data name>.json`` (or ``out``) and returns the result.
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -800,6 +802,7 @@ def evaluate_run(
         label_map=label_map,
         skip_labels=skip_labels,
         split=split,
+        encoding=encoding,
     )
     evaluation = evaluation.subset(max_samples, seed=1234)
     if len(evaluation.texts[0]) != len(description["text_cols"]):
