@@ -164,14 +164,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """``x Wᵀ + b`` as (..., out), a tensor autograd does not see as a view (autograd forbids in-place ops,
-    e.g. a ReLU(inplace=True) after the layer, on a view returned by a Function). An N-D ``x @ W`` is not
-    enough: under ``torch.compile`` matmul's decomposition returns a view for 1-D or unfoldable inputs."""
+def _base(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    """``x2 Wᵀ + b`` on rows (T × in): a 2-D GEMM, never a view (see :func:`_as_output`)."""
     w_t = weight if transposed else weight.t()
-    x2 = x if x.dim() == 2 else _rows(x)
-    y = x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)
-    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+    return x2 @ w_t if bias is None else torch.addmm(bias, x2, w_t)
+
+
+def _as_output(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y2`` (T × out) as (..., out) for an input ``x`` of shape (..., in), a tensor autograd does not see
+    as a view: autograd forbids in-place ops (e.g. a ReLU(inplace=True) after the layer) on a view returned
+    by a Function. A plain reshape would be one, and so would an N-D ``x @ W`` under ``torch.compile``
+    (matmul's decomposition returns a view for 1-D or unfoldable inputs); ``_unsafe_view`` is what
+    ``torch.matmul`` uses for the same purpose."""
+    return y2 if x.dim() == 2 else torch.ops.aten._unsafe_view(y2, (*x.shape[:-1], y2.shape[-1]))
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -194,8 +201,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, merged, need_dx, train_a,
     train_b, save_merged_weight): ``apply`` costs host time per argument, and eager LoRA steps are bound by
-    host time. Saved activations keep their leading dimensions; backward flattens each once for its 2-D
-    GEMMs.
+    host time. Forward flattens ``x`` (and the dropout mask) to rows once, for its 2-D GEMMs and for the
+    saved tensors, so a non-contiguous input is copied once; backward flattens the upstream gradient once.
     """
 
     @staticmethod
@@ -215,31 +222,33 @@ class _LoraLinearFunction(torch.autograd.Function):
             weight = weight.to(dtype)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        u = None  # s · dropout(x) Aᵀ, (..., r), kept for dB
+        x2 = _rows(x)
+        mask2 = None if mask is None else _rows(mask)
+        u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
         kept = (None, None)  # the merged weight and s·B, when saved for backward
         if merged:
             merged_weight, a_s, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             if save_merged_weight and need_dx:
                 kept = (merged_weight, b_s)
-            y = _base(x, merged_weight, bias, transposed)
+            y = _base(x2, merged_weight, bias, transposed)
             if train_b:
-                u = x @ a_s.t()
+                u = x2 @ a_s.t()
         else:
             # Cast the r-sized factors, never x.
-            y = _base(x, weight, bias, transposed)
-            xd = x if mask is None else _apply_mask(x, mask, dropout_p)
-            u = _rows(xd) @ (lora_A * scaling).to(dtype).t()
-            _rows(y).addmm_(u, lora_B.to(dtype).t())  # y is fresh and contiguous: its rows view is y
+            y = _base(x2, weight, bias, transposed)
+            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
+            u = xd @ (lora_A * scaling).to(dtype).t()
+            y.addmm_(u, lora_B.to(dtype).t())
         ctx.save_for_backward(
-            x if train_a else None, u if train_b else None, mask, weight, lora_A, lora_B, *kept
+            x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B, *kept
         )
         ctx.flags = flags
-        return y
+        return _as_output(y, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         # merged_weight and b_s (s·B in the activation dtype) are None unless save_merged_weight kept them
-        x, u, mask, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
+        x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
         scaling, dropout_p, transposed, merged, need_dx, train_a, train_b, _ = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
@@ -250,28 +259,27 @@ class _LoraLinearFunction(torch.autograd.Function):
             dx = _input_grad(g, merged_weight, transposed)
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
-        u2 = None if u is None else _rows(u)
         gb = None  # G (sB), T×r
         if train_a or (need_dx and not merged):
             if train_b and _use_grad_pass(g):
-                gb, d_b = triton_lora.lora_grad_pass(g, b_s, u2)  # one read of G for both
+                gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
                 if d_b.dtype != lora_B.dtype:
                     d_b = d_b.to(lora_B.dtype)
             else:
                 gb = g @ b_s
         if need_dx and not merged:
             dx = _input_grad(g, weight, transposed)
-            if mask is None:
+            if mask2 is None:
                 dx.addmm_(gb, lora_A.to(dtype))
             else:
-                dx.add_(_apply_mask(gb @ lora_A.to(dtype), _rows(mask), dropout_p))
+                dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
         if dx is not None:
             dx = dx.view(*grad_out.shape[:-1], dx.shape[-1])
         if train_a:
-            xd = x if mask is None else _apply_mask(x, mask, dropout_p)
-            d_a = _matmul_as(gb.t(), _rows(xd), lora_A.dtype)
+            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
+            d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
         if train_b and d_b is None:
-            d_b = _matmul_as(g.t(), u2, lora_B.dtype)
+            d_b = _matmul_as(g.t(), u, lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None
 
 
