@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from model_shapes import PROJECTIONS
+from kernel_bench import PROJECTIONS
 
 from lorakit.utils import atomic_write_json
 

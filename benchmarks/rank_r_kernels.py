@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from kernel_bench import bench_ms, steady_clocks
 
 logger = logging.getLogger("rank_r_kernels")
+REP_MS = 50  # do_bench time budget per measurement
 
 SHAPES = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]  # (in, out): q/o, k/v, gate/up, down
 ROWS_CONFIGS = list(itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4)))  # BM, BN, warps, stages
@@ -114,12 +116,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def _bench(fn, rep: int = 50) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, rep=rep, return_mode="median"))
-
-
 def _best(name: str, configs, run, reference: list[torch.Tensor], nbytes: int) -> dict:
     """Time ``run(config)`` over configs whose outputs match ``reference``; the fastest one."""
     best = None
@@ -133,7 +129,7 @@ def _best(name: str, configs, run, reference: list[torch.Tensor], nbytes: int) -
         if max(errors) > 1e-2:
             logger.warning("%s %s: REFUSED, rel. errors %s", name, config, errors)
             continue
-        ms = _bench(functools.partial(run, config))
+        ms = bench_ms(functools.partial(run, config), REP_MS)
         if best is None or ms < best["ms"]:
             best = {
                 "config": config and list(config),
@@ -205,15 +201,15 @@ def measure_shape(in_f: int, out_f: int, tokens: int, rank: int) -> dict:
     ref_db, ref_da = mm32(dy.t(), u, torch.float32), mm32(g.t(), x, torch.float32)
     bytes_x, bytes_dy = x.numel() * x.element_size(), dy.numel() * dy.element_size()
     cublas = {
-        "u": _bench(lambda: x @ sa.t()),
-        "G": _bench(lambda: dy @ sb),
-        "dB": _bench(lambda: mm32(dy.t(), u, torch.float32)),
-        "dA": _bench(lambda: mm32(g.t(), x, torch.float32)),
+        "u": bench_ms(lambda: x @ sa.t(), REP_MS),
+        "G": bench_ms(lambda: dy @ sb, REP_MS),
+        "dB": bench_ms(lambda: mm32(dy.t(), u, torch.float32), REP_MS),
+        "dA": bench_ms(lambda: mm32(g.t(), x, torch.float32), REP_MS),
     }
     weight = torch.randn(out_f, in_f, device=dev, dtype=dt)
     a32, b32 = sa.float(), sb.float()
     ref_merged = (weight.double() + 2.0 * b32.double() @ a32.double()).to(dt)
-    cublas["merge"] = _bench(lambda: torch.addmm(weight, b32.to(dt), a32.to(dt), alpha=2.0))
+    cublas["merge"] = bench_ms(lambda: torch.addmm(weight, b32.to(dt), a32.to(dt), alpha=2.0), REP_MS)
 
     def merge(config):
         return [tk._launch(tk._merge_kernel, weight, b32, a32, 2.0, config)[0]]
@@ -255,9 +251,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/rank_r.json"), help="JSON results path")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Bring the GPU to its steady clocks first: the first shape's timings came out up to 2× slow otherwise.
-    warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    _bench(lambda: warm @ warm, rep=2000)
+    steady_clocks(rep=2000)
     results = []
     for in_f, out_f in SHAPES:
         row = measure_shape(in_f, out_f, args.tokens, args.rank)

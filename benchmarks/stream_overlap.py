@@ -22,23 +22,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from model_shapes import distinct_shapes
+from kernel_bench import bench_ms, distinct_shapes, environment, steady_clocks
 
 from lorakit.adapters import triton_lora
 from lorakit.utils import atomic_write_json
 
 logger = logging.getLogger("stream_overlap")
-
-
-def bench_ms(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, rep=100, return_mode="median"))
+REP_MS = 100  # do_bench time budget per measurement
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,12 +113,12 @@ def measure(in_f: int, out_f: int, tokens: int, rank: int) -> dict:
         errors = [_rel(o, s) for o, s in zip(overlapped, serial, strict=True)]
         if max(errors) > 1e-3:
             raise SystemExit(f"{direction} ({in_f}→{out_f}): overlapped differs from serial, {errors}")
-    row = {"in": in_f, "out": out_f, "parts_ms": {k: bench_ms(fn) for k, fn in proj.parts().items()}}
+    row = {"in": in_f, "out": out_f, "parts_ms": {k: bench_ms(fn, REP_MS) for k, fn in proj.parts().items()}}
     for direction in ("forward", "backward"):
         parts = row["parts_ms"]
         row[direction] = {
-            "serial_ms": bench_ms(getattr(proj, f"{direction}_serial")),
-            "overlapped_ms": bench_ms(getattr(proj, f"{direction}_overlapped")),
+            "serial_ms": bench_ms(getattr(proj, f"{direction}_serial"), REP_MS),
+            "overlapped_ms": bench_ms(getattr(proj, f"{direction}_overlapped"), REP_MS),
             "ideal_ms": parts["merge"] + max(parts[f"{direction}_gemm"], parts[f"{direction}_rank_r"]),
             "rank_r_ms": parts[f"{direction}_rank_r"],
         }
@@ -143,8 +137,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (torch.cuda.is_available() and triton_lora.AVAILABLE):
         raise SystemExit("stream_overlap.py needs a CUDA GPU and Triton")
-    warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    bench_ms(lambda: warm @ warm)  # steady clocks before the first shape
+    steady_clocks()
     rows, totals = {}, {}
     for name, ((in_f, out_f), count) in distinct_shapes().items():
         row = rows[name] = measure(in_f, out_f, args.tokens, args.rank)
@@ -160,17 +153,7 @@ def main() -> None:
                 *(row[direction][k] for k in ("serial_ms", "overlapped_ms", "ideal_ms", "rank_r_ms")),
             )
     logger.info("per step of %d layers (ms): %s", args.layers, {k: round(v, 2) for k, v in totals.items()})
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit.stdout.strip() or None,
-        "settings": vars(args),
-    }
-    atomic_write_json(args.out, {"env": env, "projections": rows, "per_step_ms": totals})
+    atomic_write_json(args.out, {"env": environment(vars(args)), "projections": rows, "per_step_ms": totals})
 
 
 if __name__ == "__main__":

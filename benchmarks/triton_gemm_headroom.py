@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import subprocess
 from pathlib import Path
 
 import torch
-from model_shapes import distinct_shapes
+from kernel_bench import bench_ms, distinct_shapes, environment, steady_clocks
 
 from lorakit.utils import atomic_write_json
 
 logger = logging.getLogger("triton_gemm_headroom")
+REP_MS = 200  # do_bench time budget per measurement
 
 #: Inductor settings of each template set timed against cuBLAS
 TEMPLATE_SETS = {
@@ -38,12 +38,6 @@ TEMPLATE_SETS = {
 _SETTING = re.compile(
     r"\b(BLOCK_[MNK]|GROUP_M|NUM_SMS|num_stages|num_warps)\s*(?::\s*tl\.constexpr\s*)?=\s*(\d+)"
 )
-
-
-def bench_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, rep=200, return_mode="median"))
 
 
 def forward_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -72,7 +66,7 @@ def time_triton_only(
         code = "\n".join(sources)
         if "extern_kernels.mm" in code:
             raise SystemExit(f"{fn.__name__} {tuple(act.shape)}: Inductor picked cuBLAS under {settings}")
-        ms = bench_ms(lambda: compiled(act, w))
+        ms = bench_ms(lambda: compiled(act, w), REP_MS)
     chosen: dict[str, int] = {}
     for name, value in _SETTING.findall(code):
         chosen.setdefault(name, int(value))
@@ -89,7 +83,7 @@ def measure(tokens: int, in_f: int, out_f: int, code_dir: Path) -> dict:
     row = {}
     for name, (fn, act) in cases.items():
         ref = fn(act, w)
-        cublas = bench_ms(lambda fn=fn, a=act: fn(a, w))
+        cublas = bench_ms(lambda fn=fn, a=act: fn(a, w), REP_MS)
         row[name] = {"cublas_ms": cublas, "cublas_tflops": 2 * tokens * in_f * out_f / cublas / 1e9}
         for label, settings in TEMPLATE_SETS.items():
             ms, got, chosen, code = time_triton_only(fn, act, w, settings)
@@ -108,19 +102,6 @@ def measure(tokens: int, in_f: int, out_f: int, code_dir: Path) -> dict:
     return row
 
 
-def environment(args: argparse.Namespace) -> dict:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit.stdout.strip() or None,
-        "settings": vars(args),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,8 +113,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("triton_gemm_headroom.py needs a CUDA GPU")
-    warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    bench_ms(lambda: warm @ warm)  # steady clocks before the first shape
+    steady_clocks()
     rows = {}
     totals = {key: 0.0 for key in ("cublas", *TEMPLATE_SETS)}
     for name, ((in_f, out_f), count) in distinct_shapes().items():
@@ -144,7 +124,7 @@ def main() -> None:
                 totals[label] += case[label]["ms"] * count * args.layers
     per_step = {"ms": totals, "over_cublas": {k: totals[k] / totals["cublas"] for k in TEMPLATE_SETS}}
     logger.info("base GEMMs per step of %d layers: %s", args.layers, per_step)
-    atomic_write_json(args.out, {"env": environment(args), "projections": rows, "per_step": per_step})
+    atomic_write_json(args.out, {"env": environment(vars(args)), "projections": rows, "per_step": per_step})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Shared pieces of the per-shape GPU kernel benchmarks (``rank_r_kernels.py``, ``folded_u_gemm.py``,
+``stream_overlap.py``, ``triton_gemm_headroom.py``): the projection shapes of the default model of
+``throughput.py`` (Llama, hidden 2048, MLP 8192, 32 heads / 8 KV heads), a ``do_bench`` timer, a GPU
+warm-up and the environment record."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+
+import torch
+
+#: (in, out) of each adapted projection of one decoder layer
+PROJECTIONS = {
+    "q": (2048, 2048),
+    "k": (2048, 512),
+    "v": (2048, 512),
+    "o": (2048, 2048),
+    "gate": (2048, 8192),
+    "up": (2048, 8192),
+    "down": (8192, 2048),
+}
+
+
+def distinct_shapes() -> dict[str, tuple[tuple[int, int], int]]:
+    """Each distinct (in, out) once, named after its projections (e.g. "q/o"), with its count per layer."""
+    names: dict[tuple[int, int], list[str]] = {}
+    for name, shape in PROJECTIONS.items():
+        names.setdefault(shape, []).append(name)
+    return {"/".join(group): (shape, len(group)) for shape, group in names.items()}
+
+
+def bench_ms(fn: Callable[[], object], rep: int) -> float:
+    """Median ms per call of ``fn`` over about ``rep`` ms (``triton.testing.do_bench``, L2 flushed)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, rep=rep, return_mode="median"))
+
+
+def steady_clocks(rep: int = 100) -> None:
+    """Run a large GEMM first: without it, the first shape's timings came out up to 2× slow."""
+    warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bench_ms(lambda: warm @ warm, rep)
+
+
+def environment(settings: dict) -> dict:
+    """GPU, torch and Triton versions, the git commit (None outside a checkout) and the script's settings."""
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit.stdout.strip() or None,
+        "settings": settings,
+    }
