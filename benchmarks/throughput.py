@@ -40,7 +40,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton; the
 # fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
 # lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
-# too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight.
+# too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
+# weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -49,8 +50,13 @@ EXTRA_VARIANTS = [
     "lorakit-frozenA-savemerged",
     "lorakit-eagergrad",
     "lorakit-savemerged-eagergrad",
+    "lorakit-folded",
+    "lorakit-frozenA-folded",
 ]
-TRITON_KERNELS = {"lorakit-notriton": frozenset(), "lorakit-mergeonly": frozenset({"merge"})}
+TRITON_KERNELS = {
+    "lorakit-notriton": frozenset(),
+    "lorakit-mergeonly": frozenset({"merge"}),
+}
 PEER = {
     "lorakit": "peft-bf16",
     "lorakit-frozenA": "peft-bf16-frozenA",
@@ -61,15 +67,26 @@ PEER = {
     "lorakit-frozenA-savemerged": "peft-bf16-frozenA",
     "lorakit-eagergrad": "peft-bf16",
     "lorakit-savemerged-eagergrad": "peft-bf16",
+    "lorakit-folded": "peft-bf16",
+    "lorakit-frozenA-folded": "peft-bf16-frozenA",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
     "lorakit-frozenA": 0.97,
     "lorakit-savemerged": 0.95,
     "lorakit-frozenA-savemerged": 0.97,
+    "lorakit-folded": 0.95,
+    "lorakit-frozenA-folded": 0.97,
 }
 # eager variants profiled with --profile
-PROFILED = ("no-adapter", "peft-bf16", "lorakit", "lorakit-savemerged", "lorakit-eagergrad")
+PROFILED = (
+    "no-adapter",
+    "peft-bf16",
+    "lorakit",
+    "lorakit-savemerged",
+    "lorakit-eagergrad",
+    "lorakit-folded",
+)
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -106,8 +123,10 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
             ("merged+saved", 0.0),
             ("merged+eagergrad", 0.0),  # the one-pass G/dB kernel, used in eager with GRAD_PASS_IN_EAGER
             ("addmm", 0.0),
+            ("folded", 0.0),  # the Triton GEMM with the LoRA slice folded in (half precision only)
             ("auto", 0.1),
         )
+        if strategy != "folded" or dtype != torch.float32
     ]
     gen = torch.Generator(device=device).manual_seed(1234)
     for dtype, train, transposed, strategy, p in cases:
@@ -178,8 +197,9 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
     return {"ok": ok, "cases": results}
 
 
-def compile_check(device: str, save_merged_weight: bool = False) -> dict:
-    """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager."""
+def compile_check(device: str, save_merged_weight: bool = False, folded: bool = False) -> dict:
+    """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager
+    (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``)."""
     import lorakit
 
     spec = Spec(layers=1, hidden=1024, intermediate=4096, heads=16, kv_heads=4, batch=2, seq=512)
@@ -206,13 +226,17 @@ def compile_check(device: str, save_merged_weight: bool = False) -> dict:
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         return [out.detach(), x.grad.clone()] + [g.clone() for g in grads]
 
+    settings = {"save_merged_weight": save_merged_weight, "folded": folded}
+    fused.FOLDED_GEMM = folded
     try:
         eager = run(block)
         compiled = run(torch.compile(block, fullgraph=True))
         errs = [_rel(c, e) for c, e in zip(compiled, eager, strict=True)]
-        return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs), "save_merged_weight": save_merged_weight}
+        return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs), **settings}
     except Exception as error:  # report, don't crash the benchmark
-        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500], **settings}
+    finally:
+        fused.FOLDED_GEMM = False
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -331,6 +355,7 @@ def measure(
     torch._dynamo.reset()
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
+    fused.FOLDED_GEMM = variant.endswith("-folded")
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)
     ids = torch.randint(
@@ -657,9 +682,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in variants if lorakit_ok or not v.startswith("lorakit")]
     compiled_ok = True  # the compiled path has its own kernel (the one-pass G/dB), checked here when asked
     if args.compile_check and lorakit_ok:
-        # one check per setting of save_merged_weight among the lorakit variants asked for
-        saved = sorted({"-savemerged" in v for v in variants if v.startswith("lorakit")})
-        report["compile_check"] = [compile_check(device, flag) for flag in saved or [False]]
+        # one check per setting of save_merged_weight and of the folded GEMM among the lorakit variants
+        settings = sorted(
+            {("-savemerged" in v, v.endswith("-folded")) for v in variants if v.startswith("lorakit")}
+        )
+        report["compile_check"] = [compile_check(device, *s) for s in settings or [(False, False)]]
         LOG.info("compile check: %s", report["compile_check"])
         compiled_ok = all(check["ok"] for check in report["compile_check"])
         if not compiled_ok:

@@ -123,6 +123,8 @@ def test_trainable_base_falls_back_to_autograd():
         ({"dropout_p": 1.0}, "dropout_p"),
         ({"strategy": "fast"}, "strategy"),
         ({"dropout_p": 0.2, "training": True, "strategy": "merged"}, "merged"),
+        ({"dropout_p": 0.2, "training": True, "strategy": "folded"}, "folded.*cannot apply dropout"),
+        ({"strategy": "folded"}, r"strategy='folded' needs Triton, CUDA.*torch.float32 on cpu"),
         (
             {"dropout_p": 0.2, "training": True, "dropout_mask": torch.ones(2, 2, dtype=torch.bool)},
             "dropout_mask",
@@ -306,11 +308,12 @@ def test_fused_under_bf16_autocast_matches_reference(strategy):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("1", {"merge", "grad"}),
-        ("", {"merge", "grad"}),
+        ("1", {"merge", "grad", "gemm"}),
+        ("", {"merge", "grad", "gemm"}),
         ("0", set()),
         ("merge", {"merge"}),
         (" grad, merge", {"merge", "grad"}),
+        ("gemm", {"gemm"}),
     ],
 )
 def test_lorakit_triton_env_selects_kernels(value, expected):
@@ -320,3 +323,28 @@ def test_lorakit_triton_env_selects_kernels(value, expected):
 def test_lorakit_triton_env_rejects_unknown_kernel_names():
     with pytest.raises(ValueError, match=r"LORAKIT_TRITON='mrege'.*unknown kernel.*mrege.*merge"):
         fused._triton_kernels_from_env("mrege")
+
+
+def test_auto_uses_the_folded_gemm_only_when_asked_and_where_it_applies(monkeypatch):
+    """``FOLDED_GEMM`` lets "auto" replace merging by the folded GEMM, never for dropout, few tokens, narrow
+    projections, float32 or a device without the kernel (CPU here: the merged strategy runs instead)."""
+    x16 = torch.randn(4096, 1024, dtype=torch.float16)
+    monkeypatch.setattr(fused, "_use_triton", lambda kernel, t: kernel in fused.TRITON_KERNELS)
+    pick = fused._pick_strategy
+    assert pick("auto", x16, 4096, 1024, 1024, 16, False) == "merged"  # off by default
+    monkeypatch.setattr(fused, "FOLDED_GEMM", True)
+    assert pick("auto", x16, 4096, 1024, 1024, 16, False) == "folded"
+    assert pick("auto", x16, 4096, 1024, 1024, 16, True) == "addmm"  # dropout
+    assert pick("auto", x16, 8, 1024, 1024, 16, False) == "addmm"  # decoding: few tokens
+    assert pick("auto", x16, 4096, 1024, 512, 16, False) == "merged"  # narrow: below FOLDED_MIN_FEATURES
+    assert pick("auto", x16, 4096, 1024, 1024, 4, False) == "merged"  # u rows of 8 bytes: no TMA
+    assert pick("auto", x16.float(), 4096, 1024, 1024, 16, False) == "merged"
+    monkeypatch.setattr(fused, "TRITON_KERNELS", frozenset({"merge", "grad"}))
+    assert pick("auto", x16, 4096, 1024, 1024, 16, False) == "merged"
+    monkeypatch.undo()
+    monkeypatch.setattr(fused, "FOLDED_GEMM", True)  # the real check: CPU tensors have no Triton kernel
+    x = torch.randn(64, IN, requires_grad=True)
+    a, b = torch.randn(R, IN, requires_grad=True), torch.randn(OUT, R, requires_grad=True)
+    weight = torch.randn(OUT, IN)
+    y = lora_linear(x, weight, None, a, b, 0.5)
+    torch.testing.assert_close(y, reference_lora_linear(x, weight, None, a, b, 0.5))

@@ -108,3 +108,131 @@ def test_fused_function_with_triton_kernels_matches_float64_under_the_interprete
         [sys.executable, "-c", FUNCTION_CHECK], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+GEMM_CHECK = textwrap.dedent(
+    """
+    import torch
+    from lorakit.adapters import triton_gemm as tg
+    from lorakit.adapters.triton_gemm import GemmConfig
+
+    assert tg.AVAILABLE
+    torch.manual_seed(0)
+    worst, runs = 0.0, 0
+    configs = [
+        GemmConfig(32, 32, 32, group_m=2, warps=4, stages=2),
+        GemmConfig(32, 64, 16, group_m=1, warps=4, stages=2, flatten=True, split_store=True),
+        GemmConfig(16, 32, 16, warps=4, stages=2, warp_specialize=True),
+        None,  # the library's choice per layout
+    ]
+    # ragged M and N, K not a multiple of the block, r from 8 to 64 (one zero-padded slice)
+    shapes = [(100, 72, 48, 16), (64, 96, 64, 8), (33, 128, 40, 64), (130, 40, 80, 24)]
+    for (M, N, K, R), config in zip(shapes, configs):
+        for b_kn in (False, True):
+            for v_rn in (False, True):
+                for with_bias in (False, True):
+                    a = torch.randn(M, K).half()
+                    b = torch.randn(*((K, N) if b_kn else (N, K))).half()
+                    u = torch.randn(M, R).half()
+                    v = torch.randn(*((R, N) if v_rn else (N, R))).half()
+                    bias = torch.randn(N).half() if with_bias else None
+                    assert tg.supports(a.dtype, K, N, R)
+                    c = tg.launch(a, b, u, v, bias, b_kn, v_rn, config)
+                    want = a.double() @ (b.double() if b_kn else b.double().t())
+                    want += u.double() @ (v.double() if v_rn else v.double().t())
+                    if bias is not None:
+                        want += bias.double()
+                    assert c.shape == (M, N) and c.dtype == torch.float16
+                    worst = max(worst, float((c.double() - want).norm() / want.norm()))
+                    runs += 1
+    # operands that TMA cannot take as they are: a transposed view and a start 2 bytes past alignment
+    a = torch.randn(48, 100).half().t()
+    w = torch.randn(72, 48).half()
+    u_buf = torch.randn(100 * 16 + 1).half()
+    u = u_buf[1:].view(100, 16)
+    v = torch.randn(72, 16).half()
+    c = tg.lora_gemm(a, w, u, v, b_kn=False, v_rn=False)
+    want = a.double() @ w.double().t() + u.double() @ v.double().t()
+    worst = max(worst, float((c.double() - want).norm() / want.norm()))
+    # what the folded path cannot take
+    assert not tg.supports(torch.float32, 64, 64, 16)
+    assert not tg.supports(torch.float16, 64, 70, 16)  # a 140-byte output row
+    assert not tg.supports(torch.float16, 64, 64, 4)  # an 8-byte u row
+    assert not tg.supports(torch.float16, 64, 64, tg.MAX_RANK + 8)
+    print(worst, runs)
+    assert runs == 32 and worst < 1e-3, worst
+    """
+)
+
+
+def test_folded_gemm_matches_float64_under_the_interpreter() -> None:
+    """The folded LoRA GEMM at ragged shapes, both layouts of each operand, bias, several block
+    configurations (flattened loops, split store) and operands that must be copied before TMA takes them."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", GEMM_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+FOLDED_FUNCTION_CHECK = textwrap.dedent(
+    """
+    import torch
+    from lorakit.adapters import fused, triton_gemm as tg
+
+    calls = []
+    launch = tg.lora_gemm
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return launch(*args, **kwargs)
+
+    tg.lora_gemm = counted
+    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS  # CPU tensors: the interpreter
+    torch.manual_seed(0)
+    IN, OUT, R = 48, 40, 8
+    worst, cases = 0.0, 0
+    for transposed in (False, True):
+        for train in ("AB", "A", "B"):
+            for with_bias in (False, True):
+                x = torch.randn(3, 5, IN).half()
+                w = (torch.randn(*((IN, OUT) if transposed else (OUT, IN))) / IN**0.5).half()
+                bias = torch.randn(OUT).half() if with_bias else None
+                a, b = torch.randn(R, IN) / IN**0.5, torch.randn(OUT, R)
+                g = torch.randn(3, 5, OUT).half()
+                outs = []
+                for fn, cast, kw in (
+                    (fused.lora_linear, torch.float16, {"strategy": "folded"}),
+                    (fused.reference_lora_linear, torch.float64, {}),
+                ):
+                    xs = x.to(cast).clone().requires_grad_(True)
+                    factor = torch.float64 if cast == torch.float64 else torch.float32
+                    a_ = a.to(factor).clone().requires_grad_("A" in train)
+                    b_ = b.to(factor).clone().requires_grad_("B" in train)
+                    bias_ = None if bias is None else bias.to(cast)
+                    y = fn(xs, w.to(cast), bias_, a_, b_, 2.0, 0.0, False, transposed, **kw)
+                    y.backward(g.to(cast))
+                    assert (a_.grad is None) == ("A" not in train) and (b_.grad is None) == ("B" not in train)
+                    grads = [t.grad for t in (a_, b_) if t.requires_grad]
+                    outs.append([t.detach().double() for t in (y, xs.grad, *grads)])
+                for got, want in zip(*outs):
+                    worst = max(worst, float((got - want).norm() / want.norm()))
+                cases += 1
+    # forward and input gradient per case, each with the weight in the layout its GEMM needs
+    assert len(calls) == 2 * cases, len(calls)
+    assert [c["b_kn"] for c in calls[:4]] == [False, True, False, True]  # nn.Linear weight (out, in)
+    assert [c["b_kn"] for c in calls[-2:]] == [True, False]  # Conv1D weight (in, out)
+    print(worst, len(calls))
+    assert worst < 1e-2, worst
+    """
+)
+
+
+def test_fused_function_with_the_folded_gemm_matches_float64_under_the_interpreter() -> None:
+    """``strategy="folded"`` end to end: outputs and gradients of x, A, B against the float64 reference for
+    train = AB / A / B, Linear and Conv1D layouts, with and without bias; frozen factors get no gradient."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FOLDED_FUNCTION_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -12,7 +12,7 @@ Gradients (``xd = dropout(x)``, ``G = dY``, ``u = s · xd Aᵀ`` of shape T×r):
     dA = (G · sB)ᵀ xd
     dB = Gᵀ u
 
-Two strategies compute exactly this function; ``lora_linear`` picks the one that moves fewer bytes:
+Three strategies compute exactly this function; ``lora_linear`` picks the one that moves fewer bytes:
 
 * ``"merged"`` (no dropout, many tokens): build ``W = W0 + s · B A`` in the activation dtype (one Triton
   kernel on CUDA that also emits ``s·A`` and ``s·B`` cast for the rank-r GEMMs; a rank-r ``addmm``
@@ -26,13 +26,18 @@ Two strategies compute exactly this function; ``lora_linear`` picks the one that
   rounding the base output and the LoRA term separately as the unfused path does.
 * ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, Bᵀ)``
   accumulated in place; in backward ``dX = G W0`` then ``dX.addmm_(G B, A)`` in place.
+* ``"folded"`` (opt-in, Hopper GPUs, half precision): one Triton GEMM with the LoRA slice in its reduction,
+  ``y = x W0ᵀ + u Bᵀ`` and ``dX = G W0 + (G sB) A`` (:mod:`lorakit.adapters.triton_gemm`): no merged weight
+  and no extra pass over an activation. Asked for by name, or by ``"auto"`` with :data:`FOLDED_GEMM` set;
+  on an H100 it tied with ``"merged"`` per compiled step, so ``"auto"`` does not pick it by default.
 
-Both save ``x`` only when ``A`` is trainable and ``u`` (T×r) only when ``B`` is trainable, compute
+All save ``x`` only when ``A`` is trainable and ``u`` (T×r) only when ``B`` is trainable, compute
 ``dA``/``dB`` only for trainable factors (on CUDA the GEMM writes them in float32 directly; under
 ``torch.compile`` with Triton one kernel reads ``G`` once for both ``G · sB`` and ``dB``), keep ``A``/``B``
 as float32 masters and cast only these r-sized factors to ``x``'s dtype (never ``x`` up). The output is
-returned as a non-view tensor, so in-place ops after the layer work. Everything is torch ops or the
-registered Triton op, so ``torch.compile`` traces the Function without graph breaks.
+returned as a non-view tensor, so in-place ops after the layer work. Everything is torch ops, the registered
+Triton ops or the ``lorakit::lora_gemm`` custom op, so ``torch.compile`` traces the Function without graph
+breaks.
 :func:`reference_lora_linear` is the unfused math, used as the reference.
 """
 
@@ -44,9 +49,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters import triton_lora
+from lorakit.adapters import triton_gemm, triton_lora
 
-TRITON_KERNEL_NAMES = ("merge", "grad")
+TRITON_KERNEL_NAMES = ("merge", "grad", "gemm")
 
 
 def _triton_kernels_from_env(value: str) -> frozenset[str]:
@@ -63,14 +68,20 @@ def _triton_kernels_from_env(value: str) -> frozenset[str]:
     return names
 
 
-#: Triton kernels the fused path may use on CUDA: "merge" (the merged weight) and "grad" (G and dB from
-#: one read of dY). Set from ``LORAKIT_TRITON``; assign a set here to change it in-process.
+#: Triton kernels the fused path may use on CUDA: "merge" (the merged weight), "grad" (G and dB from one
+#: read of dY) and "gemm" (the base GEMM with the LoRA slice folded in, the "folded" strategy). Set from
+#: ``LORAKIT_TRITON``; assign a set here to change it in-process.
 TRITON_KERNELS = _triton_kernels_from_env(os.environ.get("LORAKIT_TRITON", "1"))
 #: Also use the one-pass G/dB kernel in eager (it is always used under ``torch.compile``). Off by default:
 #: its Python launch costs more host time than the two cuBLAS GEMMs it replaces, and eager LoRA steps are
 #: bound by host time; on the H100 host it lost 3–8% of eager throughput (benchmarks/RESULTS.md).
 GRAD_PASS_IN_EAGER = False
-STRATEGIES = ("auto", "merged", "addmm")
+#: Let ``strategy="auto"`` run the folded GEMM (one Triton GEMM per projection with the LoRA slice folded in)
+#: where merging would be picked and the kernel applies. Off by default: on an H100 it was 0.95–1.02 × the
+#: merged strategy's time per GEMM at the large projections, but not faster per compiled training step
+#: (benchmarks/RESULTS.md, "Folded LoRA GEMM").
+FOLDED_GEMM = False
+STRATEGIES = ("auto", "merged", "addmm", "folded")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
 
@@ -185,21 +196,47 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torc
     return g @ (weight.t() if transposed else weight)
 
 
-def _use_merged(strategy: str, tokens: int, in_f: int, out_f: int, has_mask: bool) -> bool:
-    """Merged costs ~2·out·in bytes per pass; in-place accumulation ~T·(in + out). Pick the smaller."""
-    if strategy == "merged":
-        if has_mask:
-            raise ValueError("lora_linear: strategy='merged' cannot apply dropout; use 'addmm' or 'auto'")
-        return True
-    if strategy == "addmm" or has_mask:
-        return False
-    return tokens * (in_f + out_f) >= 2 * in_f * out_f
+#: ``strategy="auto"`` folds only projections with at least this many input and output features: at 512
+#: output features (k/v) the folded GEMM took 1.29–1.38 × cuBLAS's time on an H100, and for the input
+#: gradient more than merging did (benchmarks/RESULTS.md, "Folded LoRA GEMM").
+FOLDED_MIN_FEATURES = 1024
+
+
+def _folded_applies(x: torch.Tensor, in_f: int, out_f: int, r: int) -> bool:
+    return _use_triton("gemm", x) and triton_gemm.supports(x.dtype, in_f, out_f, r)
+
+
+def _pick_strategy(
+    strategy: str, x: torch.Tensor, tokens: int, in_f: int, out_f: int, r: int, has_mask: bool
+) -> str:
+    """The strategy that runs: an explicit one (checked), or for ``"auto"`` the one moving fewest bytes.
+
+    Merged costs ~2·out·in bytes per pass over the weight; in-place accumulation ~T·(in + out). Where
+    merging is the cheaper of the two, the folded GEMM (no extra pass at all) replaces it with
+    :data:`FOLDED_GEMM` set, when its kernel applies (CUDA, Triton, half precision, rows a multiple of 16
+    bytes) and the projection is not narrow (:data:`FOLDED_MIN_FEATURES`).
+    """
+    if strategy in ("merged", "folded") and has_mask:
+        raise ValueError(f"lora_linear: strategy={strategy!r} cannot apply dropout; use 'addmm' or 'auto'")
+    if strategy == "folded" and not _folded_applies(x, in_f, out_f, r):
+        raise ValueError(
+            "lora_linear: strategy='folded' needs Triton, CUDA tensors in bfloat16/float16, and in, out "
+            f"and r multiples of 8 with r <= {triton_gemm.MAX_RANK}; got {x.dtype} on {x.device.type}, "
+            f"(in, out, r) = ({in_f}, {out_f}, {r})"
+        )
+    if strategy != "auto":
+        return strategy
+    if has_mask or tokens * (in_f + out_f) < 2 * in_f * out_f:
+        return "addmm"
+    if FOLDED_GEMM and min(in_f, out_f) >= FOLDED_MIN_FEATURES and _folded_applies(x, in_f, out_f, r):
+        return "folded"
+    return "merged"
 
 
 class _LoraLinearFunction(torch.autograd.Function):
     """Forward/backward of the LoRA linear; see the module docstring for the formulas.
 
-    The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, merged, need_dx, train_a,
+    The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, strategy, need_dx, train_a,
     train_b, save_merged_weight): ``apply`` costs host time per argument, and eager LoRA steps are bound by
     host time. Forward flattens ``x`` (and the dropout mask) to rows once, for its 2-D GEMMs and for the
     saved tensors, so a non-contiguous input is copied once; backward flattens the upstream gradient once.
@@ -216,7 +253,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         mask: torch.Tensor | None,
         flags: tuple,
     ) -> torch.Tensor:
-        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b, save_merged_weight = flags
+        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, save_merged_weight = flags
         dtype = x.dtype
         if weight.dtype != dtype:  # checked here: a no-op .to() still costs a dispatch per call in eager
             weight = weight.to(dtype)
@@ -226,7 +263,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         mask2 = None if mask is None else _rows(mask)
         u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
         kept = (None, None)  # the merged weight and s·B, when saved for backward
-        if merged:
+        if strategy == "folded":
+            u = x2 @ (lora_A * scaling).to(dtype).t()
+            # y = x W0ᵀ + u Bᵀ in one GEMM: W0 (out, in) is the (N, K) operand, a Conv1D's (in, out) (K, N)
+            y = triton_gemm.lora_gemm(x2, weight, u, lora_B.to(dtype), bias, b_kn=transposed, v_rn=False)
+        elif strategy == "merged":
             merged_weight, a_s, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             if save_merged_weight and need_dx:
                 kept = (merged_weight, b_s)
@@ -249,25 +290,28 @@ class _LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         # merged_weight and b_s (s·B in the activation dtype) are None unless save_merged_weight kept them
         x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
-        scaling, dropout_p, transposed, merged, need_dx, train_a, train_b, _ = ctx.flags
+        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _ = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
         dx = d_a = d_b = None
-        if need_dx and merged:
+        if need_dx and strategy == "merged":
             if merged_weight is None:
                 merged_weight, _, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             dx = _input_grad(g, merged_weight, transposed)
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
         gb = None  # G (sB), T×r
-        if train_a or (need_dx and not merged):
+        if train_a or (need_dx and strategy != "merged"):
             if train_b and _use_grad_pass(g):
                 gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
                 if d_b.dtype != lora_B.dtype:
                     d_b = d_b.to(lora_B.dtype)
             else:
                 gb = g @ b_s
-        if need_dx and not merged:
+        if need_dx and strategy == "folded":
+            # dX = dY W0 + G A in one GEMM: W0 (out, in) is the (K, N) operand, a Conv1D's (in, out) (N, K)
+            dx = triton_gemm.lora_gemm(g, weight, gb, lora_A.to(dtype), b_kn=not transposed, v_rn=True)
+        elif need_dx and strategy == "addmm":
             dx = _input_grad(g, weight, transposed)
             if mask2 is None:
                 dx.addmm_(gb, lora_A.to(dtype))
@@ -313,7 +357,8 @@ def lora_linear(
         transposed_weight: ``weight`` is stored (in, out).
         dropout_mask: optional boolean keep-mask of ``x``'s shape (drawn with :func:`dropout_mask` if None);
             lets a caller reproduce the exact mask, e.g. to compare with :func:`reference_lora_linear`.
-        strategy: ``"auto"`` (fewest bytes moved), ``"merged"`` or ``"addmm"`` (see module docstring).
+        strategy: ``"auto"`` (fewest bytes moved), ``"merged"``, ``"addmm"`` or ``"folded"`` (see module
+            docstring).
         save_merged_weight: with the ``"merged"`` strategy, keep ``W0 + s·B A`` from forward for backward
             instead of rebuilding it: faster, and one extra copy of the weight in memory until backward.
 
@@ -342,28 +387,29 @@ def lora_linear(
     mask = None
     if training and dropout_p > 0.0:
         mask = _dropout_mask_arg(x, dropout_p, dropout_mask)
-    tokens = x.numel() // in_f
-    merged = _use_merged(strategy, tokens, in_f, out_f, mask is not None)
     grad_on = torch.is_grad_enabled()
     need_dx = grad_on and x.requires_grad
     train_a = grad_on and lora_A.requires_grad
     train_b = grad_on and lora_B.requires_grad
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        # Under autocast a Linear runs in the autocast dtype: cast x as F.linear would, then run the
+        # Function with autocast off so forward and backward see one dtype (backward runs without autocast).
+        x = x.to(torch.get_autocast_dtype(device_type))
+    picked = _pick_strategy(strategy, x, x.numel() // in_f, in_f, out_f, lora_A.shape[0], mask is not None)
     flags = (
         float(scaling),
         float(dropout_p),
         bool(transposed_weight),
-        merged,
+        picked,
         need_dx,
         train_a,
         train_b,
         bool(save_merged_weight),
     )
     args = (weight, bias, lora_A, lora_B, mask, flags)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast a Linear runs in the autocast dtype: cast x as F.linear would, then run the
-        # Function with autocast off so forward and backward see one dtype (backward runs without autocast).
-        x = x.to(torch.get_autocast_dtype(device_type))
+    if autocast:
         with torch.autocast(device_type, enabled=False):
             return _LoraLinearFunction.apply(x, *args)
     # No autocast context otherwise: entering one costs CPU time on every call, and eager LoRA steps are
