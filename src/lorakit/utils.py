@@ -205,3 +205,14 @@ def named_generator(seed: int, name: str, device: str | torch.device = "cpu") ->
     generator = torch.Generator(device=device)
     generator.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
     return generator
+
+
+def local_path(value: str | os.PathLike | None) -> str | None:
+    """``value`` as an absolute path if it is one or names an existing file or folder from this process's
+    working directory; otherwise (``None``, a hub model or dataset name) ``value`` unchanged."""
+    if value is None:
+        return None
+    text = os.path.expanduser(os.fspath(value))
+    if os.path.isabs(text) or os.path.exists(text):
+        return os.path.abspath(text)
+    return os.fspath(value)

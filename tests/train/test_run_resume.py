@@ -4,6 +4,7 @@ survives a resume, and Ctrl-C in ``lorakit finetune`` ends with one line and exi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -217,3 +218,24 @@ def test_ctrl_c_before_a_fresh_run_cleared_the_folder_does_not_offer_the_earlier
     assert _cli(*data, "--method", "asym", "--no-progress", "--out", out) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "nothing to resume" in err and "--resume" not in err.replace("nothing to resume", "")
+
+
+def test_cli_resume_from_another_directory_after_a_run_named_its_data_relatively(
+    tiny_model, sentiment_files, tmp_path, monkeypatch
+):
+    """config.json stores local paths absolute, so ``--resume`` works from any working directory."""
+    run_dir = tmp_path / "relative"
+    monkeypatch.chdir(sentiment_files)
+    config = _config(tiny_model, sentiment_files, run_dir, **RUN)
+    config = dataclasses.replace(config, data="train.tsv", eval_data="./dev.tsv")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config, callbacks=[Crash()])
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    assert saved["data"] == str(sentiment_files / "train.tsv")
+    assert saved["eval_data"] == str(sentiment_files / "dev.tsv")
+    assert saved["model"] == tiny_model
+
+    monkeypatch.chdir(tmp_path)  # the relative names would not resolve here
+    assert _cli("--out", run_dir, "--resume", "--no-progress") == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["train_samples"] == 64

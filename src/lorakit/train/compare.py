@@ -33,6 +33,7 @@ from lorakit.train.run import (
     RunFolder,
     RunSummary,
     finetune,
+    with_local_paths,
 )
 from lorakit.train.trainer import TrainingDivergedError
 from lorakit.utils import atomic_save_figure, atomic_write_json
@@ -175,7 +176,8 @@ def _previous_run(run_dir: Path, config: FinetuneConfig) -> tuple[str, RunSummar
         saved = json.loads((run_dir / CONFIG_FILE).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return "none", None
-    wanted = json.loads(json.dumps(config.to_dict()))
+    # paths compared as config.json stores them: absolute where they name local files
+    saved, wanted = with_local_paths(saved), json.loads(json.dumps(with_local_paths(config.to_dict())))
     ignore = ("progress", "resume")
     if not all(saved.get(k) == v for k, v in wanted.items() if k not in ignore):
         return "none", None

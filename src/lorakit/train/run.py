@@ -2,7 +2,8 @@
 
 Run folder layout::
 
-    RUN/config.json         the resolved FinetuneConfig + method + task description
+    RUN/config.json         the resolved FinetuneConfig (local data and model paths absolute, so the run
+                            resumes from any working directory) + method + task description
     RUN/metrics.jsonl       {"type": "train"|"eval", "step", "epoch", "train_time", "wall_time", ...} per line
     RUN/checkpoints/latest.json          pointer to the last good checkpoint (written last, atomically)
     RUN/checkpoints/step-0000120/        adapter (PEFT layout, lorakit.save) or trainable.safetensors,
@@ -46,6 +47,7 @@ from lorakit.utils import (
     atomic_torch_save,
     atomic_write,
     atomic_write_json,
+    local_path,
     read_json,
     seed_everything,
 )
@@ -72,6 +74,15 @@ RUN_FILES = (
 # display): a resume may change them; every other field must equal the saved config's.
 NON_RUN_FIELDS = ("out", "resume", "progress")
 PATH_FIELDS = ("data", "eval_data", "model")  # equal when both name the same existing file or folder
+
+
+def with_local_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A ``FinetuneConfig.to_dict()`` with its :data:`PATH_FIELDS` absolute where they name local files or
+    folders (:func:`lorakit.utils.local_path`): how ``config.json`` stores them, so that a run resumes from
+    any working directory."""
+    return {**config, **{name: local_path(config.get(name)) for name in PATH_FIELDS}}
+
+
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.pt"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -606,7 +617,7 @@ def finetune(
     # leaves the saved config as it was.
     run.write_config(
         {
-            "config": config.to_dict(),
+            "config": with_local_paths(config.to_dict()),
             "model": model_name,
             "task": task.describe(),
             "train_size": len(train_split),

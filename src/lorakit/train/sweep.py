@@ -56,6 +56,7 @@ from lorakit.utils import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
+    local_path,
     read_json,
     read_jsonl,
 )
@@ -686,17 +687,6 @@ def synthetic_cell(
 
 
 _CONFIG_PATHS = ("data", "eval_data", "model")
-
-
-def local_path(value: str | os.PathLike | None) -> str | None:
-    """``value`` as an absolute path if it is one or names an existing file or folder from this process's
-    working directory; otherwise (``None``, a hub model or dataset name) ``value`` unchanged."""
-    if value is None:
-        return None
-    text = os.path.expanduser(os.fspath(value))
-    if os.path.isabs(text) or os.path.exists(text):
-        return os.path.abspath(text)
-    return os.fspath(value)
 
 
 def finetune_context(base: Any, out: str | os.PathLike, method: str = "lora") -> dict[str, Any]:
