@@ -125,8 +125,8 @@ GEMM_CHECK = textwrap.dedent(
         GemmConfig(16, 32, 16, warps=4, stages=2, warp_specialize=True),
         None,  # the library's choice per layout
     ]
-    # ragged M and N, K not a multiple of the block, r from 8 to 64 (one zero-padded slice)
-    shapes = [(100, 72, 48, 16), (64, 96, 64, 8), (33, 128, 40, 64), (130, 40, 80, 24)]
+    # ragged M and N, K not a multiple of the block, r = 8 (a zero-padded slice) and 16
+    shapes = [(100, 72, 48, 16), (64, 96, 64, 8), (33, 128, 40, 16), (130, 40, 80, 8)]
     for (M, N, K, R), config in zip(shapes, configs):
         for b_kn in (False, True):
             for v_rn in (False, True):
@@ -159,6 +159,12 @@ GEMM_CHECK = textwrap.dedent(
     assert not tg.supports(torch.float16, 64, 70, 16)  # a 140-byte output row
     assert not tg.supports(torch.float16, 64, 64, 4)  # an 8-byte u row
     assert not tg.supports(torch.float16, 64, 64, tg.MAX_RANK + 8)
+    try:
+        tg.launch(a, w, torch.randn(100, 32).half(), torch.randn(72, 32).half(), None, False, False)
+    except ValueError as error:
+        assert "MAX_RANK" in str(error)
+    else:
+        raise AssertionError("rank 32 > MAX_RANK was launched")
     print(worst, runs)
     assert runs == 32 and worst < 1e-3, worst
     """

@@ -203,7 +203,11 @@ FOLDED_MIN_FEATURES = 1024
 
 
 def _folded_applies(x: torch.Tensor, in_f: int, out_f: int, r: int) -> bool:
-    return _use_triton("gemm", x) and triton_gemm.supports(x.dtype, in_f, out_f, r)
+    return (
+        _use_triton("gemm", x)
+        and triton_gemm.supports(x.dtype, in_f, out_f, r)
+        and triton_gemm.supports_device(x.device)
+    )
 
 
 def _pick_strategy(
@@ -220,9 +224,9 @@ def _pick_strategy(
         raise ValueError(f"lora_linear: strategy={strategy!r} cannot apply dropout; use 'addmm' or 'auto'")
     if strategy == "folded" and not _folded_applies(x, in_f, out_f, r):
         raise ValueError(
-            "lora_linear: strategy='folded' needs Triton, CUDA tensors in bfloat16/float16, and in, out "
-            f"and r multiples of 8 with r <= {triton_gemm.MAX_RANK}; got {x.dtype} on {x.device.type}, "
-            f"(in, out, r) = ({in_f}, {out_f}, {r})"
+            "lora_linear: strategy='folded' needs Triton 3.4+ with 'gemm' in LORAKIT_TRITON, tensors in "
+            f"bfloat16/float16 on a Hopper or newer GPU, and in, out and r multiples of 8 with r <= "
+            f"{triton_gemm.MAX_RANK}; got {x.dtype} on {x.device}, (in, out, r) = ({in_f}, {out_f}, {r})"
         )
     if strategy != "auto":
         return strategy
