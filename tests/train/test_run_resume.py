@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -227,13 +228,15 @@ def test_cli_resume_from_another_directory_after_a_run_named_its_data_relatively
     run_dir = tmp_path / "relative"
     monkeypatch.chdir(sentiment_files)
     config = _config(tiny_model, sentiment_files, run_dir, **RUN)
-    config = dataclasses.replace(config, data="train.tsv", eval_data="./dev.tsv")
+    model = os.path.relpath(tiny_model)
+    config = dataclasses.replace(config, data="train.tsv", eval_data="./dev.tsv", model=model)
     with pytest.raises(KeyboardInterrupt):
         finetune(config, callbacks=[Crash()])
     saved = json.loads((run_dir / "config.json").read_text())["config"]
     assert saved["data"] == str(sentiment_files / "train.tsv")
     assert saved["eval_data"] == str(sentiment_files / "dev.tsv")
     assert saved["model"] == tiny_model
+    assert json.loads((run_dir / "config.json").read_text())["model"] == tiny_model
 
     monkeypatch.chdir(tmp_path)  # the relative names would not resolve here
     assert _cli("--out", run_dir, "--resume", "--no-progress") == 0

@@ -447,7 +447,7 @@ def _finetune_config(args: argparse.Namespace, given: set[str]) -> tuple[Any, An
     With --resume the run folder's saved config is the source of truth: options left out take its values,
     and an option given with another value is an error naming it (display options excepted).
     """
-    from lorakit.train.run import TASK_FIELDS, default_run_dir, load_config_task
+    from lorakit.train.run import TASK_FIELDS, default_run_dir, load_config_task, settings_equal
 
     config = _base_config(
         args,
@@ -465,7 +465,9 @@ def _finetune_config(args: argparse.Namespace, given: set[str]) -> tuple[Any, An
     if not args.resume:
         return config, task
     resumed = _resumed_config(args, given, config.out)
-    same_data = all(getattr(resumed, name) == getattr(config, name) for name in TASK_FIELDS)
+    same_data = all(
+        settings_equal(name, getattr(resumed, name), getattr(config, name)) for name in TASK_FIELDS
+    )
     return resumed, task if same_data else None
 
 

@@ -554,7 +554,7 @@ def finetune(
         run.clear()
         accelerator.wait_for_everyone()
     run.remove_stale_temporaries()
-    model_name = config.model or default_model_path()
+    model_name = local_path(config.model) or default_model_path()  # absolute if local: config.json, adapter
     seed_everything(config.seed)
     model, tokenizer = build_model(model_name, task)
     apply_method(model, config.method, task.task_type, seed=config.seed)
