@@ -267,11 +267,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         mask2 = None if mask is None else _rows(mask)
         u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
         kept = (None, None)  # the merged weight and s·B, when saved for backward
-        if strategy == "folded":
-            u = x2 @ (lora_A * scaling).to(dtype).t()
-            # y = x W0ᵀ + u Bᵀ in one GEMM: W0 (out, in) is the (N, K) operand, a Conv1D's (in, out) (K, N)
-            y = triton_gemm.lora_gemm(x2, weight, u, lora_B.to(dtype), bias, b_kn=transposed, v_rn=False)
-        elif strategy == "merged":
+        if strategy == "merged":
             merged_weight, a_s, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             if save_merged_weight and need_dx:
                 kept = (merged_weight, b_s)
@@ -280,10 +276,14 @@ class _LoraLinearFunction(torch.autograd.Function):
                 u = x2 @ a_s.t()
         else:
             # Cast the r-sized factors, never x.
-            y = _base(x2, weight, bias, transposed)
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
             u = xd @ (lora_A * scaling).to(dtype).t()
-            y.addmm_(u, lora_B.to(dtype).t())
+            if strategy == "folded":  # no dropout here: y = x W0ᵀ + u Bᵀ in one GEMM, where W0 (out, in) is
+                # the (N, K) operand and a Conv1D's (in, out) the (K, N) one
+                y = triton_gemm.lora_gemm(x2, weight, u, lora_B.to(dtype), bias, b_kn=transposed, v_rn=False)
+            else:
+                y = _base(x2, weight, bias, transposed)
+                y.addmm_(u, lora_B.to(dtype).t())
         ctx.save_for_backward(
             x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B, *kept
         )

@@ -172,7 +172,7 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
             props = torch.cuda.get_device_properties(index)
-            if (props.major, props.minor) < (9, 0):
+            if not _is_hopper_or_newer(index):
                 raise RuntimeError(
                     f"lora_gemm: the folded LoRA GEMM is built and measured for Hopper GPUs (TMA, "
                     f"compute capability 9.0+); {props.name} has {props.major}.{props.minor}. "
@@ -193,11 +193,11 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
     ) -> torch.Tensor:
         """Launch the kernel with ``config``, or :func:`config_for`'s choice."""
         a, b, u, v = (_tma_ready(t) for t in (a, b, u, v))
-        if u.shape[1] > MAX_RANK:
-            raise ValueError(f"lora_gemm: rank {u.shape[1]} > {MAX_RANK} (MAX_RANK) does not fit the kernel")
         M, K = a.shape
         N = b.shape[1] if b_kn else b.shape[0]
         R = u.shape[1]
+        if R > MAX_RANK:
+            raise ValueError(f"lora_gemm: rank {R} > {MAX_RANK} (MAX_RANK) does not fit the kernel")
         cfg = config or config_for(b_kn)
         c = torch.empty((M, N), dtype=a.dtype, device=a.device)
         num_sms = _num_sms(a.device)

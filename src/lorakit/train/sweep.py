@@ -56,7 +56,6 @@ from lorakit.utils import (
     atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
-    local_path,
     read_json,
     read_jsonl,
 )
@@ -686,20 +685,18 @@ def synthetic_cell(
     return {"metric": value, "train_loss": 1.0 - value}
 
 
-_CONFIG_PATHS = ("data", "eval_data", "model")
-
-
 def finetune_context(base: Any, out: str | os.PathLike, method: str = "lora") -> dict[str, Any]:
     """The ``context`` of a :func:`finetune_cell` sweep writing to ``out``, with every path absolute.
 
     ``base`` is a ``FinetuneConfig`` or its ``to_dict()``. ``data``, ``eval_data`` and ``model`` are resolved
-    against this (the driver's) working directory when they name a local path (:func:`local_path`), and the
-    run folders go to ``<out>/runs`` as an absolute path, so a Ray or pool worker with another working
-    directory reads the same files and writes where the driver records.
+    against this (the driver's) working directory when they name a local path, as ``config.json`` stores
+    them (:func:`lorakit.train.run.with_local_paths`), and the run folders go to ``<out>/runs`` as an
+    absolute path, so a Ray or pool worker with another working directory reads the same files and writes
+    where the driver records.
     """
-    config = dict(base.to_dict() if hasattr(base, "to_dict") else base)
-    for name in _CONFIG_PATHS:
-        config[name] = local_path(config.get(name))
+    from lorakit.train.run import with_local_paths
+
+    config = with_local_paths(base.to_dict() if hasattr(base, "to_dict") else base)
     return {"base": config, "runs": _absolute(os.fspath(Path(out) / "runs")), "method": method}
 
 
