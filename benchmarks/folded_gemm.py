@@ -22,13 +22,11 @@ of one configuration repeated within 2–5% per GEMM on the H100. Needs a Hopper
 
 from __future__ import annotations
 
-import argparse
 import logging
 from functools import partial
-from pathlib import Path
 
 import torch
-from kernel_bench import bench_ms, distinct_shapes, environment, steady_clocks
+from kernel_bench import bench_ms, distinct_shapes, environment, per_step_parser, start
 
 from lorakit.adapters import fused, triton_gemm
 from lorakit.adapters.triton_gemm import GemmConfig
@@ -145,17 +143,8 @@ def measure(tokens: int, in_f: int, out_f: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tokens", type=int, default=8192, help="rows T of the activations (8192)")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers, for the per-step totals")
-    parser.add_argument("--out", type=Path, default=Path("out/folded_gemm.json"), help="JSON path")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (torch.cuda.is_available() and triton_gemm.AVAILABLE):
-        raise SystemExit("folded_gemm.py needs a CUDA GPU and Triton")
-    steady_clocks()
+    args = per_step_parser(__doc__, "out/folded_gemm.json").parse_args()
+    start("folded_gemm.py", "a CUDA GPU and Triton", torch.cuda.is_available() and triton_gemm.AVAILABLE)
     rows = {}
     # "auto": what strategy="auto" runs with fused.FOLDED_GEMM set (merged where FOLDED_MIN_FEATURES excludes)
     totals = dict.fromkeys(("cublas", "merged", "folded_best", "folded_library", "auto"), 0.0)

@@ -1,12 +1,15 @@
 """Shared pieces of the per-shape GPU kernel benchmarks (``rank_r_kernels.py``, ``folded_u_gemm.py``,
-``stream_overlap.py``, ``triton_gemm_headroom.py``): the projection shapes of the default model of
-``throughput.py`` (Llama, hidden 2048, MLP 8192, 32 heads / 8 KV heads), a ``do_bench`` timer, a GPU
-warm-up and the environment record."""
+``stream_overlap.py``, ``triton_gemm_headroom.py``, ``folded_gemm.py``): the projection shapes of the default
+model of ``throughput.py`` (Llama, hidden 2048, MLP 8192, 32 heads / 8 KV heads), a ``do_bench`` timer, a
+GPU warm-up, the environment record, and the command line and start-up of the scripts that total per step."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -41,6 +44,25 @@ def steady_clocks(rep: int = 100) -> None:
     """Run a large GEMM first: without it, the first shape's timings came out up to 2× slow."""
     warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     bench_ms(lambda: warm @ warm, rep)
+
+
+def per_step_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """``--tokens``, ``--layers`` and ``--out`` (default ``out``), with ``description`` as the help text."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=8192, help="rows T of the activations (8192)")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers, for the per-step totals")
+    parser.add_argument("--out", type=Path, default=Path(out), help="JSON path")
+    return parser
+
+
+def start(script: str, needs: str, ready: bool) -> None:
+    """Log to the console; exit with "``script`` needs ``needs``" unless ``ready``; warm the GPU up."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not ready:
+        raise SystemExit(f"{script} needs {needs}")
+    steady_clocks()
 
 
 def environment(settings: dict) -> dict:

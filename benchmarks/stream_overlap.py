@@ -20,13 +20,11 @@ by host launch time in this setting, so their per-call times are not GPU times. 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from kernel_bench import bench_ms, distinct_shapes, environment, steady_clocks
+from kernel_bench import bench_ms, distinct_shapes, environment, per_step_parser, start
 
 from lorakit.adapters import triton_lora
 from lorakit.utils import atomic_write_json
@@ -126,18 +124,10 @@ def measure(in_f: int, out_f: int, tokens: int, rank: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tokens", type=int, default=8192, help="rows T of the activations (8192)")
+    parser = per_step_parser(__doc__, "out/stream_overlap.json")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (16)")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers, for the per-step totals")
-    parser.add_argument("--out", type=Path, default=Path("out/stream_overlap.json"), help="JSON path")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (torch.cuda.is_available() and triton_lora.AVAILABLE):
-        raise SystemExit("stream_overlap.py needs a CUDA GPU and Triton")
-    steady_clocks()
+    start("stream_overlap.py", "a CUDA GPU and Triton", torch.cuda.is_available() and triton_lora.AVAILABLE)
     rows, totals = {}, {}
     for name, ((in_f, out_f), count) in distinct_shapes().items():
         row = rows[name] = measure(in_f, out_f, args.tokens, args.rank)

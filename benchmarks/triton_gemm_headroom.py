@@ -16,13 +16,12 @@ both give the same product, and reports Triton's time as a multiple of cuBLAS's.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from pathlib import Path
 
 import torch
-from kernel_bench import bench_ms, distinct_shapes, environment, steady_clocks
+from kernel_bench import bench_ms, distinct_shapes, environment, per_step_parser, start
 
 from lorakit.utils import atomic_write_json
 
@@ -103,17 +102,8 @@ def measure(tokens: int, in_f: int, out_f: int, code_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tokens", type=int, default=8192, help="rows T of the activations (8192)")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers, for the per-step totals")
-    parser.add_argument("--out", type=Path, default=Path("out/triton_gemm.json"), help="JSON path")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
-        raise SystemExit("triton_gemm_headroom.py needs a CUDA GPU")
-    steady_clocks()
+    args = per_step_parser(__doc__, "out/triton_gemm.json").parse_args()
+    start("triton_gemm_headroom.py", "a CUDA GPU", torch.cuda.is_available())
     rows = {}
     totals = {key: 0.0 for key in ("cublas", *TEMPLATE_SETS)}
     for name, ((in_f, out_f), count) in distinct_shapes().items():
