@@ -1,4 +1,4 @@
-"""The Triton kernels of ``lorakit.adapters.triton_lora``, run by Triton's CPU interpreter.
+"""The Triton kernels of ``lorakit.adapters.triton_lora`` and ``triton_gemm``, run by the CPU interpreter.
 
 CI has no GPU; ``TRITON_INTERPRET=1`` executes the same kernel code on CPU tensors (numpy underneath), so
 indexing, masking at ragged edges, strides and the atomic accumulation are checked here. The GPU
@@ -16,6 +16,14 @@ import textwrap
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed (the kernels are GPU-only; pip install triton)")
+
+
+def _interpret(code: str) -> None:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1``; it must exit cleanly."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
 
 CHECK = textwrap.dedent(
     """
@@ -49,9 +57,7 @@ CHECK = textwrap.dedent(
 
 
 def test_kernels_match_float64_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    _interpret(CHECK)
 
 
 FUNCTION_CHECK = textwrap.dedent(
@@ -103,11 +109,7 @@ FUNCTION_CHECK = textwrap.dedent(
 def test_fused_function_with_triton_kernels_matches_float64_under_the_interpreter() -> None:
     """The Function's Triton branches (merge kernel, one-pass G/dB with ``GRAD_PASS_IN_EAGER``) on fp16,
     Linear and Conv1D layouts, against the float64 reference."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", FUNCTION_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _interpret(FUNCTION_CHECK)
 
 
 GEMM_CHECK = textwrap.dedent(
@@ -174,11 +176,7 @@ GEMM_CHECK = textwrap.dedent(
 def test_folded_gemm_matches_float64_under_the_interpreter() -> None:
     """The folded LoRA GEMM at ragged shapes, both layouts of each operand, bias, several block
     configurations (flattened loops, split store) and operands that must be copied before TMA takes them."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", GEMM_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _interpret(GEMM_CHECK)
 
 
 FOLDED_FUNCTION_CHECK = textwrap.dedent(
@@ -237,8 +235,4 @@ FOLDED_FUNCTION_CHECK = textwrap.dedent(
 def test_fused_function_with_the_folded_gemm_matches_float64_under_the_interpreter() -> None:
     """``strategy="folded"`` end to end: outputs and gradients of x, A, B against the float64 reference for
     train = AB / A / B, Linear and Conv1D layouts, with and without bias; frozen factors get no gradient."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", FOLDED_FUNCTION_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _interpret(FOLDED_FUNCTION_CHECK)
