@@ -276,17 +276,14 @@ class _LoraLinearFunction(torch.autograd.Function):
                 u = x2 @ a_s.t()
         else:
             # Cast the r-sized factors, never x.
-            a_s, b_c = (lora_A * scaling).to(dtype), lora_B.to(dtype)
-            if strategy == "folded":  # no dropout here: y = x W0ᵀ + u Bᵀ and u = x (sA)ᵀ from one pass over
-                # x, where W0 (out, in) is the (N, K) operand and a Conv1D's (in, out) the (K, N) one
-                y, u, _ = triton_gemm.lora_gemm(
-                    x2, weight, a_s, b_c, bias, b_kn=transposed, factors_kn=False, store_p=train_b
-                )
+            xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
+            u = xd @ (lora_A * scaling).to(dtype).t()
+            if strategy == "folded":  # no dropout here: y = x W0ᵀ + u Bᵀ in one GEMM, where W0 (out, in) is
+                # the (N, K) operand and a Conv1D's (in, out) the (K, N) one
+                y = triton_gemm.lora_gemm(x2, weight, u, lora_B.to(dtype), bias, b_kn=transposed, v_rn=False)
             else:
-                xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
-                u = xd @ a_s.t()
                 y = _base(x2, weight, bias, transposed)
-                y.addmm_(u, b_c.t())
+                y.addmm_(u, lora_B.to(dtype).t())
         ctx.save_for_backward(
             x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B, *kept
         )
@@ -308,19 +305,17 @@ class _LoraLinearFunction(torch.autograd.Function):
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
         gb = None  # G (sB), T×r
-        if need_dx and strategy == "folded":
-            # dX = dY W0 + G A, G = dY (sB) and dB = dYᵀ u from one pass over dY; W0 (out, in) is the
-            # (K, N) operand, a Conv1D's (in, out) the (N, K) one
-            dx, gb, d_b = triton_gemm.lora_gemm(
-                g, weight, b_s, lora_A.to(dtype), b_kn=not transposed, factors_kn=True, store_p=train_a,
-                w=u if train_b else None,
-            )  # fmt: skip
-        elif train_a or (need_dx and strategy != "merged"):
+        if train_a or (need_dx and strategy != "merged"):
             if train_b and _use_grad_pass(g):
                 gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
+                if d_b.dtype != lora_B.dtype:
+                    d_b = d_b.to(lora_B.dtype)
             else:
                 gb = g @ b_s
-        if need_dx and strategy == "addmm":
+        if need_dx and strategy == "folded":
+            # dX = dY W0 + G A in one GEMM: W0 (out, in) is the (K, N) operand, a Conv1D's (in, out) (N, K)
+            dx = triton_gemm.lora_gemm(g, weight, gb, lora_A.to(dtype), b_kn=not transposed, v_rn=True)
+        elif need_dx and strategy == "addmm":
             dx = _input_grad(g, weight, transposed)
             if mask2 is None:
                 dx.addmm_(gb, lora_A.to(dtype))
@@ -333,8 +328,6 @@ class _LoraLinearFunction(torch.autograd.Function):
             d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
         if train_b and d_b is None:
             d_b = _matmul_as(g.t(), u, lora_B.dtype)
-        elif d_b is not None and d_b.dtype != lora_B.dtype:
-            d_b = d_b.to(lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None
 
 

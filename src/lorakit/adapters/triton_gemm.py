@@ -106,59 +106,18 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
         return tile
 
     @triton.jit
-    def _main_loop(
-        a_desc, b_desc, down_desc, w_ptr, dw_ptr, rm, rn, pid_n, grid_n, M, K, R,
-        B_KN: tl.constexpr, FACTORS_KN: tl.constexpr, WITH_P: tl.constexpr, DW: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):  # fmt: skip
-        """acc = a[rm:, :]·b[:, rn:]; with WITH_P also p = a[rm:, :]·down. DW 1: dw += aᵀ·w for the reduction
-        steps this column block owns (one in grid_n); DW 2: for every step."""
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        p = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        if DW != 0:
-            w_rows = rm + tl.arange(0, BLOCK_M)
-            w_cols = tl.arange(0, BLOCK_R)
-            w = tl.load(
-                w_ptr + w_rows[:, None] * R + w_cols[None, :],
-                mask=(w_rows[:, None] < M) & (w_cols[None, :] < R),
-                other=0.0,
-            )
-        for k in range(0, K, BLOCK_K):
-            a = a_desc.load([rm, k])
-            acc = tl.dot(a, _load_kn(b_desc, k, rn, B_KN), acc)
-            if WITH_P:
-                p = tl.dot(a, _load_kn(down_desc, k, 0, FACTORS_KN), p)
-            if DW != 0:  # noqa: SIM102 - a constexpr branch: w exists only when it is taken
-                if DW == 2 or (k // BLOCK_K) % grid_n == pid_n:
-                    rows = k + tl.arange(0, BLOCK_K)
-                    cols = tl.arange(0, BLOCK_R)
-                    tl.atomic_add(
-                        dw_ptr + rows[:, None] * R + cols[None, :],
-                        tl.dot(tl.trans(a), w),
-                        mask=(rows[:, None] < K) & (cols[None, :] < R),
-                        sem="relaxed",
-                    )
-        return acc, p
-
-    @triton.jit
     def _lora_gemm_kernel(
-        a_ptr, b_ptr, down_ptr, up_ptr, bias_ptr, c_ptr, p_ptr, w_ptr, dw_ptr, flag_ptr,
-        M, N, K, R, s_am, s_b, s_down, s_up, s_cm,
-        B_KN: tl.constexpr, FACTORS_KN: tl.constexpr, HAS_BIAS: tl.constexpr, P_SOURCE: tl.constexpr,
-        DW: tl.constexpr,
+        a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, c_ptr,
+        M, N, K, R, s_am, s_b, s_um, s_v, s_cm,
+        B_KN: tl.constexpr, V_RN: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
         FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_STORE: tl.constexpr,
     ):  # fmt: skip
-        """c[M, N] = a·b + p·up (+ bias[N]) with p = a·down (M×R). b is K×N if B_KN else N×K; down is K×R and
-        up R×N if FACTORS_KN, else R×K and N×R (both used transposed).
-
-        P_SOURCE 0: p is given at p_ptr. 1: every tile accumulates its p beside a·b from the same a tiles.
-        2: the tiles of column block 0 do, store p and raise their row block's flag; the other tiles of the
-        row block wait for the flag after their own reduction and read p. DW (with w, M×R): dw[K, R] += aᵀ·w
-        in float32 atomics, 1 spread over the column blocks, 2 by the tiles of column block 0.
-        Every operand row-major with unit column stride; out-of-range tile elements load as zeros."""
+        """c[M, N] = a[M, K] · b + u[M, R] · v (+ bias[N]); b is K×N if B_KN else N×K (used transposed),
+        v is R×N if V_RN else N×R. Every operand row-major; out-of-range tile elements load as zeros."""
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [s_am, 1], [BLOCK_M, BLOCK_K])
+        u_desc = tl.make_tensor_descriptor(u_ptr, [M, R], [s_um, 1], [BLOCK_M, BLOCK_R])
         if SPLIT_STORE:
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [s_cm, 1], [BLOCK_M, BLOCK_N // 2])
         else:
@@ -167,65 +126,28 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
             b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [s_b, 1], [BLOCK_K, BLOCK_N])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [s_b, 1], [BLOCK_N, BLOCK_K])
-        if FACTORS_KN:
-            down_desc = tl.make_tensor_descriptor(down_ptr, [K, R], [s_down, 1], [BLOCK_K, BLOCK_R])
-            up_desc = tl.make_tensor_descriptor(up_ptr, [R, N], [s_up, 1], [BLOCK_R, BLOCK_N])
+        if V_RN:
+            v_desc = tl.make_tensor_descriptor(v_ptr, [R, N], [s_v, 1], [BLOCK_R, BLOCK_N])
         else:
-            down_desc = tl.make_tensor_descriptor(down_ptr, [R, K], [s_down, 1], [BLOCK_R, BLOCK_K])
-            up_desc = tl.make_tensor_descriptor(up_ptr, [N, R], [s_up, 1], [BLOCK_N, BLOCK_R])
+            v_desc = tl.make_tensor_descriptor(v_ptr, [N, R], [s_v, 1], [BLOCK_N, BLOCK_R])
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
         tiles_per_group = GROUP_M * grid_n
         for tile in tl.range(
             tl.program_id(0), grid_m * grid_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
         ):
-            # consecutive tiles walk down a group of GROUP_M row blocks, so the b tiles stay in L2; column
-            # block 0 of a row block comes before its other column blocks (what P_SOURCE 2 relies on)
+            # consecutive tiles walk down a group of GROUP_M row blocks, so the b tiles stay in L2
             group = tile // tiles_per_group
             group_rows = min(grid_m - group * GROUP_M, GROUP_M)
             pid_m = group * GROUP_M + (tile % tiles_per_group) % group_rows
             pid_n = (tile % tiles_per_group) // group_rows
             rm = pid_m * BLOCK_M
             rn = pid_n * BLOCK_N
-            p_rows = rm + tl.arange(0, BLOCK_M)
-            p_cols = tl.arange(0, BLOCK_R)
-            p_ptrs = p_ptr + p_rows[:, None] * R + p_cols[None, :]
-            p_mask = (p_rows[:, None] < M) & (p_cols[None, :] < R)
-            if P_SOURCE == 1:
-                acc, p = _main_loop(
-                    a_desc, b_desc, down_desc, w_ptr, dw_ptr, rm, rn, pid_n, grid_n, M, K, R,
-                    B_KN, FACTORS_KN, True, DW, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                )  # fmt: skip
-                p_half = p.to(c_ptr.dtype.element_ty)
-                if pid_n == 0:
-                    tl.store(p_ptrs, p_half, mask=p_mask)
-            elif P_SOURCE == 2:
-                if pid_n == 0:
-                    acc, p = _main_loop(
-                        a_desc, b_desc, down_desc, w_ptr, dw_ptr, rm, rn, pid_n, grid_n, M, K, R,
-                        B_KN, FACTORS_KN, True, DW, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                    )  # fmt: skip
-                    p_half = p.to(c_ptr.dtype.element_ty)
-                    tl.store(p_ptrs, p_half, mask=p_mask)
-                    tl.debug_barrier()  # every thread's part of p is written before the flag goes up
-                    tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release")
-                else:
-                    acc, p = _main_loop(
-                        a_desc, b_desc, down_desc, w_ptr, dw_ptr, rm, rn, pid_n, grid_n, M, K, R,
-                        B_KN, FACTORS_KN, False, DW % 2, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                    )  # fmt: skip
-                    ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
-                    while ready == 0:
-                        ready = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
-                    p_half = tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
-            else:
-                acc, p = _main_loop(
-                    a_desc, b_desc, down_desc, w_ptr, dw_ptr, rm, rn, pid_n, grid_n, M, K, R,
-                    B_KN, FACTORS_KN, False, DW, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                )  # fmt: skip
-                p_half = tl.load(p_ptrs, mask=p_mask, other=0.0)
-            # the LoRA slice of the reduction: r more columns of p, r more rows of up (zero-padded)
-            acc = tl.dot(p_half, _load_kn(up_desc, 0, rn, FACTORS_KN), acc)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                acc = tl.dot(a_desc.load([rm, k]), _load_kn(b_desc, k, rn, B_KN), acc)
+            # the LoRA slice of the reduction: r more columns of a, r more rows of b (zero-padded to BLOCK_R)
+            acc = tl.dot(u_desc.load([rm, 0]), _load_kn(v_desc, 0, rn, V_RN), acc)
             if HAS_BIAS:
                 cols = rn + tl.arange(0, BLOCK_N)
                 acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -246,7 +168,7 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
     def _num_sms(device: torch.device) -> int:
         """Streaming multiprocessors of ``device``; checks once per GPU that it is a Hopper or newer."""
         if device.type != "cuda":
-            return 1  # the CPU interpreter runs programs one after another: one walks every tile in order
+            return 4  # the CPU interpreter: a few programs, so the persistent loop is exercised
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
             props = torch.cuda.get_device_properties(index)
@@ -262,39 +184,22 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
     def launch(
         a: torch.Tensor,
         b: torch.Tensor,
-        down: torch.Tensor,
-        up: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
         bias: torch.Tensor | None,
         b_kn: bool,
-        factors_kn: bool,
-        store_p: bool = False,
-        w: torch.Tensor | None = None,
+        v_rn: bool,
         config: GemmConfig | None = None,
-        p_source: int = 2,
-        dw_mode: int = 1,
-        p: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Launch the kernel with ``config``, or :func:`config_for`'s choice; see :func:`lora_gemm`.
-        Returns ``(c, p, dw)``, with ``p`` of 0 rows unless ``store_p`` and ``dw`` of 0 rows unless ``w``."""
-        a, b, down, up = (_tma_ready(t) for t in (a, b, down, up))
+    ) -> torch.Tensor:
+        """Launch the kernel with ``config``, or :func:`config_for`'s choice."""
+        a, b, u, v = (_tma_ready(t) for t in (a, b, u, v))
         M, K = a.shape
         N = b.shape[1] if b_kn else b.shape[0]
-        R = down.shape[1] if factors_kn else down.shape[0]
+        R = u.shape[1]
         if R > MAX_RANK:
             raise ValueError(f"lora_gemm: rank {R} > {MAX_RANK} (MAX_RANK) does not fit the kernel")
         cfg = config or config_for(b_kn)
         c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-        if p_source == 0:
-            p = p.contiguous()
-            store_p = False
-        else:
-            p = a.new_empty((M, R))
-        flags = torch.zeros(triton.cdiv(M, cfg.block_m), dtype=torch.int32, device=a.device)
-        if w is not None:
-            w = w.contiguous()
-            dw = torch.zeros((K, R), dtype=torch.float32, device=a.device)
-        else:
-            dw = torch.empty((0, R), dtype=torch.float32, device=a.device)
         num_sms = _num_sms(a.device)
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
         # per launch: the allocator is a context variable, and autograd runs backward in its own thread
@@ -302,38 +207,31 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
         if bias is not None:
             bias = bias.contiguous()
         _lora_gemm_kernel[(min(num_sms, tiles),)](
-            a, b, down, up, bias if bias is not None else c, c, p, w if w is not None else c, dw, flags,
-            M, N, K, R, a.stride(0), b.stride(0), down.stride(0), up.stride(0), c.stride(0),
-            B_KN=b_kn, FACTORS_KN=factors_kn, HAS_BIAS=bias is not None, P_SOURCE=p_source,
-            DW=dw_mode if w is not None else 0,
+            a, b, u, v, bias if bias is not None else c, c,
+            M, N, K, R, a.stride(0), b.stride(0), u.stride(0), v.stride(0), c.stride(0),
+            B_KN=b_kn, V_RN=v_rn, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             BLOCK_R=max(16, triton.next_power_of_2(R)), GROUP_M=cfg.group_m, NUM_SMS=num_sms,
             FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize, SPLIT_STORE=cfg.split_store,
             num_warps=cfg.warps, num_stages=cfg.stages,
         )  # fmt: skip
-        return c, p if store_p else p[:0], dw
+        return c
 
     @torch.library.custom_op("lorakit::lora_gemm", mutates_args=())
     def _lora_gemm_op(
         a: torch.Tensor,
         b: torch.Tensor,
-        down: torch.Tensor,
-        up: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
         bias: torch.Tensor | None,
         b_kn: bool,
-        factors_kn: bool,
-        store_p: bool,
-        w: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launch(a, b, down, up, bias, b_kn, factors_kn, store_p, w)
+        v_rn: bool,
+    ) -> torch.Tensor:
+        return launch(a, b, u, v, bias, b_kn, v_rn)
 
     @_lora_gemm_op.register_fake
-    def _(a, b, down, up, bias, b_kn, factors_kn, store_p, w):
-        rank = down.shape[1] if factors_kn else down.shape[0]
-        c = a.new_empty((a.shape[0], b.shape[1] if b_kn else b.shape[0]))
-        p = a.new_empty((a.shape[0] if store_p else 0, rank))
-        dw = a.new_empty((a.shape[1] if w is not None else 0, rank), dtype=torch.float32)
-        return c, p, dw
+    def _(a, b, u, v, bias, b_kn, v_rn):
+        return a.new_empty((a.shape[0], b.shape[1] if b_kn else b.shape[0]))
 
     AVAILABLE = True
 
@@ -346,39 +244,26 @@ def config_for(b_kn: bool) -> GemmConfig:
 def lora_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     b_kn: bool,
-    factors_kn: bool,
-    store_p: bool = False,
-    w: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``c = a·op(b) + p·op(up) (+ bias)`` with ``p = a·op(down)``, in one pass over ``a``.
-
-    The base GEMM and the rank-r projection ``p`` share every tile of ``a`` that is loaded; ``p`` is rounded
-    to ``a``'s dtype and enters the float32 accumulator as r more steps of the reduction. Optionally the
-    same pass also adds ``aᵀ·w`` (the weight gradient of the factor that produced ``w``) in float32.
+    v_rn: bool,
+) -> torch.Tensor:
+    """``a · op(b) + u · op(v) (+ bias)`` in one GEMM, in ``a``'s dtype with float32 accumulation.
 
     Args:
         a: (M, K). b: (K, N) if ``b_kn`` else (N, K), used transposed (an ``nn.Linear`` weight).
-        down, up: the rank-r factors, (K, r) and (r, N) if ``factors_kn``, else (r, K) and (N, r), used
-            transposed. bias: (N,) or None.
-        store_p: also return ``p`` (M, r) in ``a``'s dtype.
-        w: (M, r) or None; with it, also return ``aᵀ·w`` (K, r) in float32, summed with float32 atomics
-            (so not bitwise reproducible from run to run).
+        u: (M, r). v: (r, N) if ``v_rn`` else (N, r), used transposed. bias: (N,) or None.
         One half-precision dtype with K, N and r multiples of 8 (:func:`supports`); an operand that is not
         row-major with 16-byte aligned rows is copied first.
 
-    Returns:
-        ``(c, p or None, aᵀ·w or None)``. Under ``torch.compile`` this is the custom op
-        ``lorakit::lora_gemm``; in eager a direct launch (the op's dispatch costs host time per call).
+    Under ``torch.compile`` this is the custom op ``lorakit::lora_gemm``; in eager a direct launch (the op's
+    dispatch costs host time per call).
     """
     if not AVAILABLE:
         raise RuntimeError("lora_gemm needs Triton (pip install triton) and a CUDA GPU")
     if torch.compiler.is_compiling():
-        c, p, dw = _lora_gemm_op(a, b, down, up, bias, b_kn, factors_kn, store_p, w)
-    else:
-        c, p, dw = launch(a, b, down, up, bias, b_kn, factors_kn, store_p, w)
-    return c, p if store_p else None, dw if w is not None else None
+        return _lora_gemm_op(a, b, u, v, bias, b_kn, v_rn)
+    return launch(a, b, u, v, bias, b_kn, v_rn)
