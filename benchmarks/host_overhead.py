@@ -5,10 +5,8 @@ finishes each small kernel before the CPU has launched the next. This script iso
 forward + backward of one adapted projection on tiny CUDA tensors (so every kernel is shorter than its
 launch) many times without synchronising, and reports the wall time per call, which is then the host's
 cost. It compares lorakit's fused path (merged and addmm strategies, with and without the Triton kernels,
-with ``save_merged_weight``, with the G/dB kernel in eager), lorakit's reference path, a PEFT bf16 layer and a
-frozen ``nn.Linear``, and times single launches (the Triton kernels, ``torch.empty``, one cuBLAS ``mm``).
-"Triton's own launch" cases launch every Triton kernel through ``kernel[grid](...)`` instead of the
-library's ``CachedLauncher``.
+with ``save_merged_weight``), lorakit's reference path, a PEFT bf16 layer and a frozen ``nn.Linear``, and
+times single launches (the Triton merge kernel, ``torch.empty``, one cuBLAS ``mm``).
 
 Example (GPU; about 20 s):
     PYTHONPATH=src python3 benchmarks/host_overhead.py --out out/host_overhead.json
@@ -27,7 +25,6 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters import fused, triton_lora
-from lorakit.adapters.triton_launch import CachedLauncher
 from lorakit.utils import atomic_write_json
 
 LOG = logging.getLogger("host_overhead")
@@ -57,15 +54,11 @@ def layer_cases(tokens: int, width: int, rank: int) -> dict[str, Callable[[], ob
     b = (torch.randn(width, rank, device=dev) * 1e-3).requires_grad_(True)
     grad = torch.randn(tokens, width, device=dev, dtype=dtype)
 
-    def fused_call(
-        strategy: str, kernels: frozenset[str], saved: bool = False, eager_grad: bool = False
-    ) -> Callable[[], object]:
+    def fused_call(strategy: str, kernels: frozenset[str], saved: bool = False) -> Callable[[], object]:
         def call() -> None:
             fused.TRITON_KERNELS = kernels
-            fused.GRAD_PASS_IN_EAGER = eager_grad
             y = fused.lora_linear(x, w, None, a, b, 2.0, strategy=strategy, save_merged_weight=saved)
             y.backward(grad)
-            fused.GRAD_PASS_IN_EAGER = False
 
         return call
 
@@ -79,13 +72,6 @@ def layer_cases(tokens: int, width: int, rank: int) -> dict[str, Callable[[], ob
     cases = {
         "frozen Linear (no adapter)": plain,
         "lorakit fused merged, Triton merge": fused_call("merged", every),
-        "lorakit fused merged, Triton merge, Triton's own launch": through_triton(
-            fused_call("merged", every)
-        ),
-        "lorakit fused merged, Triton merge and G/dB kernels": fused_call("merged", every, eager_grad=True),
-        "lorakit fused merged, Triton merge and G/dB kernels, Triton's own launch": through_triton(
-            fused_call("merged", every, eager_grad=True)
-        ),
         "lorakit fused merged, torch ops": fused_call("merged", frozenset()),
         "lorakit fused merged + save_merged_weight, Triton merge": fused_call("merged", every, True),
         "lorakit fused addmm": fused_call("addmm", every),
@@ -108,20 +94,6 @@ def layer_cases(tokens: int, width: int, rank: int) -> dict[str, Callable[[], ob
     return cases
 
 
-def through_triton(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with every Triton kernel launched by ``kernel[grid](...)``, as before the library's
-    ``CachedLauncher`` (which launches the compiled kernel directly after its first call)."""
-
-    def call() -> None:
-        CachedLauncher.direct = False
-        try:
-            fn()
-        finally:
-            CachedLauncher.direct = True
-
-    return call
-
-
 def launch_cases(width: int, rank: int) -> dict[str, Callable[[], object]]:
     dev, dtype = "cuda", torch.bfloat16
     w = torch.randn(width, width, device=dev, dtype=dtype)
@@ -141,8 +113,6 @@ def launch_cases(width: int, rank: int) -> dict[str, Callable[[], object]]:
         u = torch.randn(64, rank, device=dev, dtype=dtype)
         b_s = b.to(dtype)
         cases["Triton G/dB kernel launch"] = lambda: triton_lora.lora_grad_pass(g, b_s, u)
-        for name in ("Triton merge kernel launch (with its 3 outputs)", "Triton G/dB kernel launch"):
-            cases[f"{name}, Triton's own launch"] = through_triton(cases[name])
     return cases
 
 

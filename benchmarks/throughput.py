@@ -32,7 +32,6 @@ import torch
 
 from lorakit.adapters import fused, triton_gemm
 from lorakit.adapters.fused import dropout_mask, lora_linear, reference_lora_linear
-from lorakit.adapters.triton_launch import CachedLauncher
 from lorakit.utils import atomic_write, atomic_write_json
 
 LOG = logging.getLogger("throughput")
@@ -42,8 +41,7 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
 # lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
 # too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
-# weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
-# Triton kernel launched by Triton's kernel[grid](...) instead of the library's CachedLauncher ("-jitlaunch").
+# weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -54,8 +52,6 @@ EXTRA_VARIANTS = [
     "lorakit-savemerged-eagergrad",
     "lorakit-folded",
     "lorakit-frozenA-folded",
-    "lorakit-jitlaunch",
-    "lorakit-eagergrad-jitlaunch",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -73,8 +69,6 @@ PEER = {
     "lorakit-savemerged-eagergrad": "peft-bf16",
     "lorakit-folded": "peft-bf16",
     "lorakit-frozenA-folded": "peft-bf16-frozenA",
-    "lorakit-jitlaunch": "peft-bf16",
-    "lorakit-eagergrad-jitlaunch": "peft-bf16",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -361,9 +355,8 @@ def measure(
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
-    fused.GRAD_PASS_IN_EAGER = "-eagergrad" in variant
+    fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
     fused.FOLDED_GEMM = variant.endswith("-folded")
-    CachedLauncher.direct = not variant.endswith("-jitlaunch")
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)
     ids = torch.randint(

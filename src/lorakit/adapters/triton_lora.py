@@ -21,8 +21,6 @@ try:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-
-    from lorakit.adapters.triton_launch import CachedLauncher
 except ImportError:  # CPU-only installs: the fused path uses torch.addmm instead.
     triton = None
 
@@ -132,19 +130,6 @@ if triton is not None:
                 mask=m_ok[:, None] & k_ok[None, :],
             )
 
-    #: eager launches, with less host time per call than ``kernel[grid](...)`` (see triton_launch)
-    _MERGE = CachedLauncher(_merge_kernel)
-    _ROWS = CachedLauncher(_rows_kernel)
-
-    def _run(kernel, grid: tuple, args: tuple, constexprs: tuple, **options: int) -> None:
-        """Launch a :class:`CachedLauncher` (eager), or a ``@triton.jit`` kernel or its ``wrap_triton``
-        wrapper (under ``torch.compile``), which take the constexprs by name."""
-        if isinstance(kernel, CachedLauncher):
-            kernel(grid, args, constexprs, **options)
-        else:
-            names = getattr(kernel, "kernel", kernel).arg_names[len(args) :]
-            kernel[grid](*args, **dict(zip(names, constexprs, strict=True)), **options)
-
     def _launch(
         kernel,
         weight: torch.Tensor,
@@ -163,14 +148,15 @@ if triton is not None:
         # (32, 128, 4): within 12% of the fastest at every shape of benchmarks/rank_r_kernels.py (H100)
         block_m, block_n, warps = config or (32, 128, 4)
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        args = (
+        kernel[grid](
             weight, left, right, out, left_out, right_out, M, N, R, scaling,
             weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
             right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            # tf32 rounds the rank-r product to ~1e-3 of ΔW, far below a bf16/fp16 ulp of W; fp32 weights
+            # keep full precision.
+            IEEE=weight.dtype == torch.float32, num_warps=warps,
         )  # fmt: skip
-        # tf32 rounds the rank-r product to ~1e-3 of ΔW, far below a bf16/fp16 ulp of W; fp32 weights keep
-        # full precision (IEEE).
-        _run(kernel, grid, args, (block_m, block_n, block_r, weight.dtype == torch.float32), num_warps=warps)
         return out, left_out, right_out
 
     def rows_pass(
@@ -193,14 +179,11 @@ if triton is not None:
         cols = torch.zeros((N, R), dtype=torch.float32, device=a.device) if u is not None else None
         r_ = right if right is not None else a
         u_ = u if u is not None else a
-        args = (
+        (kernel or _rows_kernel)[(triton.cdiv(M, block_m),)](
             a, r_, u_, rows if rows is not None else a, cols if cols is not None else a, M, N, R,
             a.stride(0), a.stride(1), r_.stride(0), r_.stride(1), u_.stride(0), u_.stride(1),
-        )  # fmt: skip
-        constexprs = (block_m, block_n, max(16, triton.next_power_of_2(R)), right is not None, u is not None)
-        _run(
-            kernel or _ROWS, (triton.cdiv(M, block_m),), args, constexprs,
-            num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
+            HAS_ROWS=right is not None, HAS_COLS=u is not None, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return rows, cols
 
@@ -222,7 +205,7 @@ if triton is not None:
         """
         if torch.compiler.is_compiling():
             return _merge_op(weight, left, right, scaling)
-        return _launch(_MERGE, weight, left, right, scaling)
+        return _launch(_merge_kernel, weight, left, right, scaling)
 
     def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
