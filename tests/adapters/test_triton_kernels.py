@@ -60,10 +60,46 @@ def test_kernels_match_float64_under_the_interpreter() -> None:
     _interpret(CHECK)
 
 
-FUNCTION_CHECK = textwrap.dedent(
+#: Defines ``fused_vs_float64(strategy, transposed, train, with_bias)``: the worst rel. error of lorakit's
+#: fp16 fused path against the float64 reference over y and every gradient, with CPU tensors routed to the
+#: Triton kernels (the interpreter). Prepended to the Function checks below.
+FUSED_VS_FLOAT64 = textwrap.dedent(
     """
     import torch
-    from lorakit.adapters import fused, triton_lora as tk
+    from lorakit.adapters import fused
+
+    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS  # CPU tensors: the interpreter
+    IN, OUT, R = 48, 40, 8
+
+    def fused_vs_float64(strategy, transposed, train="AB", with_bias=False):
+        x = torch.randn(3, 5, IN).half()
+        w = (torch.randn(*((IN, OUT) if transposed else (OUT, IN))) / IN**0.5).half()
+        bias = torch.randn(OUT).half() if with_bias else None
+        a, b = torch.randn(R, IN) / IN**0.5, torch.randn(OUT, R)
+        g = torch.randn(3, 5, OUT).half()
+        outs = []
+        for fn, cast, kw in (
+            (fused.lora_linear, torch.float16, {"strategy": strategy}),
+            (fused.reference_lora_linear, torch.float64, {}),
+        ):
+            xs = x.to(cast).clone().requires_grad_(True)
+            factor = torch.float64 if cast == torch.float64 else torch.float32
+            a_ = a.to(factor).clone().requires_grad_("A" in train)
+            b_ = b.to(factor).clone().requires_grad_("B" in train)
+            bias_ = None if bias is None else bias.to(cast)
+            y = fn(xs, w.to(cast), bias_, a_, b_, 2.0, 0.0, False, transposed, **kw)
+            y.backward(g.to(cast))
+            assert (a_.grad is None) == ("A" not in train) and (b_.grad is None) == ("B" not in train)
+            grads = [t.grad for t in (a_, b_) if t.requires_grad]
+            outs.append([t.detach().double() for t in (y, xs.grad, *grads)])
+        return max(float((got - want).norm() / want.norm()) for got, want in zip(*outs))
+    """
+)
+
+
+FUNCTION_CHECK = FUSED_VS_FLOAT64 + textwrap.dedent(
+    """
+    from lorakit.adapters import triton_lora as tk
 
     assert tk.AVAILABLE
     calls = {"merge": 0, "grad": 0}
@@ -76,29 +112,9 @@ FUNCTION_CHECK = textwrap.dedent(
 
     tk.merge_lora_weight = counted("merge", tk.merge_lora_weight)
     tk.lora_grad_pass = counted("grad", tk.lora_grad_pass)
-    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS  # CPU tensors: the interpreter
     fused.GRAD_PASS_IN_EAGER = True
     torch.manual_seed(0)
-    worst = 0.0
-    IN, OUT, R = 48, 40, 8
-    for transposed in (False, True):
-        x = torch.randn(3, 5, IN).half()
-        w = (torch.randn(*((IN, OUT) if transposed else (OUT, IN))) / IN**0.5).half()
-        a, b = torch.randn(R, IN) / IN**0.5, torch.randn(OUT, R)
-        g = torch.randn(3, 5, OUT).half()
-        outs = []
-        for fn, cast, kw in (
-            (fused.lora_linear, torch.float16, {"strategy": "merged"}),
-            (fused.reference_lora_linear, torch.float64, {}),
-        ):
-            xs = x.to(cast).clone().requires_grad_(True)
-            factor = torch.float64 if cast == torch.float64 else torch.float32
-            a_, b_ = (t.to(factor).clone().requires_grad_(True) for t in (a, b))
-            y = fn(xs, w.to(cast), None, a_, b_, 2.0, 0.0, False, transposed, **kw)
-            y.backward(g.to(cast))
-            outs.append([t.detach().double() for t in (y, xs.grad, a_.grad, b_.grad)])
-        for got, want in zip(*outs):
-            worst = max(worst, float((got - want).norm() / want.norm()))
+    worst = max(fused_vs_float64("merged", transposed) for transposed in (False, True))
     print(worst, calls)
     assert calls == {"merge": 4, "grad": 2}, calls  # forward + backward merge, one G/dB pass, per case
     assert worst < 1e-2, worst
@@ -179,10 +195,9 @@ def test_folded_gemm_matches_float64_under_the_interpreter() -> None:
     _interpret(GEMM_CHECK)
 
 
-FOLDED_FUNCTION_CHECK = textwrap.dedent(
+FOLDED_FUNCTION_CHECK = FUSED_VS_FLOAT64 + textwrap.dedent(
     """
-    import torch
-    from lorakit.adapters import fused, triton_gemm as tg
+    from lorakit.adapters import triton_gemm as tg
 
     calls = []
     launch = tg.lora_gemm
@@ -192,35 +207,12 @@ FOLDED_FUNCTION_CHECK = textwrap.dedent(
         return launch(*args, **kwargs)
 
     tg.lora_gemm = counted
-    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS  # CPU tensors: the interpreter
     torch.manual_seed(0)
-    IN, OUT, R = 48, 40, 8
     worst, cases = 0.0, 0
     for transposed in (False, True):
         for train in ("AB", "A", "B"):
             for with_bias in (False, True):
-                x = torch.randn(3, 5, IN).half()
-                w = (torch.randn(*((IN, OUT) if transposed else (OUT, IN))) / IN**0.5).half()
-                bias = torch.randn(OUT).half() if with_bias else None
-                a, b = torch.randn(R, IN) / IN**0.5, torch.randn(OUT, R)
-                g = torch.randn(3, 5, OUT).half()
-                outs = []
-                for fn, cast, kw in (
-                    (fused.lora_linear, torch.float16, {"strategy": "folded"}),
-                    (fused.reference_lora_linear, torch.float64, {}),
-                ):
-                    xs = x.to(cast).clone().requires_grad_(True)
-                    factor = torch.float64 if cast == torch.float64 else torch.float32
-                    a_ = a.to(factor).clone().requires_grad_("A" in train)
-                    b_ = b.to(factor).clone().requires_grad_("B" in train)
-                    bias_ = None if bias is None else bias.to(cast)
-                    y = fn(xs, w.to(cast), bias_, a_, b_, 2.0, 0.0, False, transposed, **kw)
-                    y.backward(g.to(cast))
-                    assert (a_.grad is None) == ("A" not in train) and (b_.grad is None) == ("B" not in train)
-                    grads = [t.grad for t in (a_, b_) if t.requires_grad]
-                    outs.append([t.detach().double() for t in (y, xs.grad, *grads)])
-                for got, want in zip(*outs):
-                    worst = max(worst, float((got - want).norm() / want.norm()))
+                worst = max(worst, fused_vs_float64("folded", transposed, train, with_bias))
                 cases += 1
     # forward and input gradient per case, each with the weight in the layout its GEMM needs
     assert len(calls) == 2 * cases, len(calls)
