@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import platform
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.adapters import fused, triton_gemm
+from lorakit.adapters import fused, grouped, triton_gemm
 from lorakit.adapters.fused import dropout_mask, lora_linear, reference_lora_linear
 from lorakit.utils import atomic_write, atomic_write_json
 
@@ -41,7 +42,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
 # lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
 # too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
-# weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction).
+# weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
+# adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -52,6 +54,8 @@ EXTRA_VARIANTS = [
     "lorakit-savemerged-eagergrad",
     "lorakit-folded",
     "lorakit-frozenA-folded",
+    "lorakit-ungrouped",
+    "lorakit-frozenA-ungrouped",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -69,6 +73,8 @@ PEER = {
     "lorakit-savemerged-eagergrad": "peft-bf16",
     "lorakit-folded": "peft-bf16",
     "lorakit-frozenA-folded": "peft-bf16-frozenA",
+    "lorakit-ungrouped": "peft-bf16",
+    "lorakit-frozenA-ungrouped": "peft-bf16-frozenA",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -77,6 +83,8 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-savemerged": 0.97,
     "lorakit-folded": 0.95,
     "lorakit-frozenA-folded": 0.97,
+    "lorakit-ungrouped": 0.95,
+    "lorakit-frozenA-ungrouped": 0.97,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -198,6 +206,71 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
     return {"ok": ok, "cases": results}
 
 
+def _grouped_run(case: dict, cast: torch.dtype, train: str, group: bool) -> list[torch.Tensor | None]:
+    """Outputs and gradients of three siblings on one input: grouped, or the reference per sibling."""
+    factor = torch.float64 if cast == torch.float64 else torch.float32
+    x = case["x"].detach().to(cast).clone().requires_grad_(True)
+    factors_a = [a.detach().to(factor).clone().requires_grad_("A" in train) for a in case["A"]]
+    factors_b = [b.detach().to(factor).clone().requires_grad_("B" in train) for b in case["B"]]
+    weights, biases = [w.to(cast) for w in case["W"]], [b.to(cast) for b in case["bias"]]
+    if group:
+        ys = grouped.lora_linear_group(x, weights, biases, factors_a, factors_b, [2.0] * len(weights))
+    else:
+        siblings = zip(weights, biases, factors_a, factors_b, strict=True)
+        ys = [reference_lora_linear(x, *args, 2.0) for args in siblings]
+    torch.autograd.backward(ys, [g.to(cast) for g in case["grads"]])
+    return [*ys, x.grad, *(t.grad for t in factors_a + factors_b)]
+
+
+def check_grouped(device: str, tokens: int = 4096) -> dict:
+    """Sibling groups (``grouped.lora_linear_group``, bf16 and fp32, with and without the one-pass G/dB
+    kernel) vs the reference in float64 per sibling: three siblings of one input, with biases."""
+    results, ok = [], True
+    gen = torch.Generator(device=device).manual_seed(4321)
+    in_f, outs, r = 1024, (1024, 256, 256), 16
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, device=device, generator=gen) * scale
+
+    for dtype, train, eagergrad in itertools.product(
+        (torch.bfloat16, torch.float32), ("AB", "B", "A"), (0, 1)
+    ):
+        case = {
+            "x": randn(tokens // 2, 2, in_f).to(dtype),
+            "W": [randn(o, in_f, scale=in_f**-0.5).to(dtype) for o in outs],
+            "bias": [randn(o).to(dtype) for o in outs],
+            "A": [randn(r, in_f, scale=in_f**-0.5) for _ in outs],
+            "B": [randn(o, r, scale=0.1) for o in outs],
+            "grads": [randn(tokens // 2, 2, o).to(dtype) for o in outs],
+        }
+        fused.GRAD_PASS_IN_EAGER = bool(eagergrad)
+        try:
+            got = _grouped_run(case, dtype, train, group=True)
+        finally:
+            fused.GRAD_PASS_IN_EAGER = False
+        want = _grouped_run(case, torch.float64, train, group=False)
+        errs = [  # a gradient on one side only counts as a mismatch
+            (None if g is None else float("inf"))
+            if w is None
+            else (_rel(g, w) if g is not None and torch.isfinite(g).all() else float("inf"))
+            for g, w in zip(got, want, strict=True)
+        ]
+        worst = max(e for e in errs if e is not None)
+        passed = worst <= CHECK_TOL[dtype]
+        ok &= passed
+        strategy = "grouped+eagergrad" if eagergrad else "grouped"
+        results.append(
+            {
+                "dtype": str(dtype),
+                "train": train,
+                "strategy": strategy,
+                "worst_rel_err": worst,
+                "pass": passed,
+            }
+        )
+    return {"ok": ok, "cases": results}
+
+
 def compile_check(device: str, save_merged_weight: bool = False, folded: bool = False) -> dict:
     """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager
     (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``)."""
@@ -295,6 +368,7 @@ def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.
         train="B" if frozen_a else "AB",
         kernel="reference" if variant == "lorakit-reference" else "fused",
         save_merged_weight="-savemerged" in variant,
+        group_siblings="-ungrouped" not in variant,
     )
     lorakit.inject(model, cfg)
     with torch.no_grad():
@@ -672,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     lorakit_ok = False
     if not args.skip_check:
         report["check"] = check_fused(device)
+        group_check = check_grouped(device)
+        report["check"]["cases"] += group_check["cases"]
+        report["check"]["ok"] &= group_check["ok"]
         lorakit_ok = report["check"]["ok"]
         for case in report["check"]["cases"]:
             LOG.info("check %s", case)

@@ -49,6 +49,10 @@ class LoraConfig:
         save_merged_weight: fused kernel only: keep each merged weight ``W0 + s·B A`` from forward for
             backward instead of rebuilding it. Trades one extra copy of every adapted weight in memory
             (held until backward) for one pass fewer over it per step (benchmarks/RESULTS.md).
+        group_siblings: fused kernel only: adapted linears under one parent that read the same input
+            tensor (q/k/v, gate/up) run as one group, with one pass over the input for all their rank-r
+            products and their input gradients summed inside the GEMMs (:mod:`lorakit.adapters.grouped`).
+            The same function either way; which layers share an input is found on the first forward.
     """
 
     r: int = 8
@@ -65,6 +69,7 @@ class LoraConfig:
     seed: int = 0
     kernel: str = "fused"
     save_merged_weight: bool = False
+    group_siblings: bool = True
 
     def __post_init__(self) -> None:
         from lorakit.adapters.init import INIT_SCHEMES
@@ -77,10 +82,9 @@ class LoraConfig:
         _check_choice("init", self.init, tuple(INIT_SCHEMES))
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout: expected a probability in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.save_merged_weight, bool):
-            raise ValueError(
-                f"LoraConfig.save_merged_weight: expected True or False, got {self.save_merged_weight!r}"
-            )
+        for flag in ("save_merged_weight", "group_siblings"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoraConfig.{flag}: expected True or False, got {getattr(self, flag)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LoraConfig.seed: expected an integer, got {self.seed!r}")
         self.targets = _names("targets", self.targets, allow_all_linear=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.adapters.grouped import group_siblings
 from lorakit.adapters.init import initialise
 from lorakit.adapters.layers import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.config import LoraConfig
@@ -205,6 +206,8 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             embedding=layer_cls is LoraEmbedding,
         )
         _set_submodule(model, name, layer)
+    if config.group_siblings:
+        group_siblings([(name, model.get_submodule(name)) for name, *_ in plans])
     for name in saved:
         for parameter in model.get_submodule(name).parameters():
             parameter.requires_grad_(True)

@@ -53,6 +53,8 @@ class LoraLayer(nn.Module):
         self.save_merged_weight = save_merged_weight
         self.dropout_p = float(dropout)
         self.merged = False
+        # set by inject when siblings under one parent may read one input (lorakit.adapters.grouped)
+        self.sibling_group = None
         in_features, out_features = self.features_of(base_layer)
         device = base_layer.weight.device
         self._set_factor("lora_A", torch.zeros(r, in_features, device=device), train_a)
@@ -141,7 +143,13 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA on ``nn.Linear``: ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``."""
+    """LoRA on ``nn.Linear``: ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ``.
+
+    With a ``sibling_group`` (set by ``inject``), siblings that read the same input run as one group
+    (:mod:`lorakit.adapters.grouped`): the same function, fewer passes over the input.
+    """
+
+    transposed = False  # base weight stored (out, in)
 
     @staticmethod
     def features_of(base_layer: nn.Module) -> tuple[int, int]:
@@ -153,11 +161,17 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return _lora_linear(self, x, self.base_layer.weight, transposed=False)
+        if self.sibling_group is not None:
+            grouped = self.sibling_group.output(self, x)
+            if grouped is not None:
+                return grouped
+        return _lora_linear(self, x)
 
 
 class LoraConv1D(LoraLinear):
     """LoRA on GPT-2's ``Conv1D`` (weight stored transposed, (in, out)): ``y = x W0 + b + s · x Aᵀ Bᵀ``."""
+
+    transposed = True
 
     @staticmethod
     def features_of(base_layer: nn.Module) -> tuple[int, int]:
@@ -166,11 +180,6 @@ class LoraConv1D(LoraLinear):
 
     def _base_weight_as_out_in(self) -> torch.Tensor:
         return self.base_layer.weight.T
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        return _lora_linear(self, x, self.base_layer.weight, transposed=True)
 
 
 class LoraEmbedding(LoraLayer):
@@ -203,8 +212,17 @@ class LoraEmbedding(LoraLayer):
         return result + (after_a.to(result.dtype) @ self.lora_B.T.to(result.dtype)) * self.scaling
 
 
-def _lora_linear(layer: LoraLinear, x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    args = (x, weight, layer.base_layer.bias, layer.lora_A, layer.lora_B, layer.scaling, layer.dropout_p)
+def _lora_linear(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    transposed = layer.transposed
+    args = (
+        x,
+        layer.base_layer.weight,
+        layer.base_layer.bias,
+        layer.lora_A,
+        layer.lora_B,
+        layer.scaling,
+        layer.dropout_p,
+    )
     if layer.kernel == "fused":
         return fused.lora_linear(
             *args, layer.training, transposed, save_merged_weight=layer.save_merged_weight

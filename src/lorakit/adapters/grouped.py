@@ -1,0 +1,328 @@
+"""Sibling LoRA projections that read the same input, as one autograd Function.
+
+The q/k/v projections of an attention block read the same ``x``, and so do gate/up of a gated MLP. Run one
+by one (:func:`lorakit.adapters.fused.lora_linear`), each adapted sibling reads ``x`` for its own
+``u_i = x (s_i A_i)ᵀ`` in forward and again for ``dA_i = (G_i s_i B_i)ᵀ x`` in backward, and autograd sums
+their input gradients with one elementwise pass per extra sibling (read two T×in tensors, write one). As a
+group of n siblings (Hu et al. 2021's LoRA, ``W_i = W0_i + s_i B_i A_i`` merged as in the ``"merged"``
+strategy of :mod:`lorakit.adapters.fused`):
+
+    y_i    = x W_iᵀ + b_i                                 one GEMM per sibling, as before
+    u      = x · [s_1 A_1; …; s_n A_n]ᵀ                    one pass over x for every u_i (T × Σr)
+    dX     = Σ_i dY_i W_i                                 the first GEMM writes dX, the others add into it
+                                                          in their epilogue (β = 1): no separate sum
+    dA_cat = [dY_1 s_1 B_1, …, dY_n s_n B_n]ᵀ · x          one pass over x for every dA_i
+    dB_i   = dY_iᵀ u_i
+
+Per decoder layer of a Llama at hidden 2048 (T = 8192, bf16) that is two passes over x fewer for q/k/v
+and one fewer for gate/up in each direction, and three elementwise sums fewer in backward.
+:func:`lora_linear_group` runs it. :class:`SiblingGroup` finds at run time which adapted layers really
+read one input: which ones do is a property of the model's forward, not of its module tree (o_proj sits
+beside q/k/v and takes as many features, but reads the attention output).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.adapters import fused, triton_lora
+
+logger = logging.getLogger(__name__)
+
+
+class _LoraGroupFunction(torch.autograd.Function):
+    """Forward/backward of n sibling LoRA linears on one input; see the module docstring.
+
+    ``flags`` = (scalings, transposed, need_dx, train_a, train_b, save_merged_weight), where scalings,
+    train_a and train_b have one entry per sibling. ``tensors`` = the n weights, n biases, n ``A`` and n
+    ``B``, flattened (``apply`` takes tensors only as positional arguments).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, flags: tuple, *tensors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        scalings, transposed, need_dx, train_a, train_b, save_merged_weight = flags
+        n = len(scalings)
+        weights, biases, factors_a, factors_b = (tensors[i * n : (i + 1) * n] for i in range(4))
+        dtype = x.dtype
+        x2 = fused._rows(x)
+        outputs, scaled_a, kept = [], [], []
+        for weight, bias, lora_a, lora_b, scaling in zip(
+            weights, biases, factors_a, factors_b, scalings, strict=True
+        ):
+            weight = weight if weight.dtype == dtype else weight.to(dtype)
+            bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+            merged_weight, a_s, b_s = fused._merge(weight, lora_a, lora_b, scaling, transposed)
+            outputs.append(fused._as_output(fused._base(x2, merged_weight, bias, transposed), x))
+            scaled_a.append(a_s)
+            kept += (merged_weight, b_s) if save_merged_weight and need_dx else (None, None)
+        u = None  # [u_i for siblings whose B trains], T × Σr: one pass over x
+        if any(train_b):
+            u = x2 @ torch.cat([a_s for a_s, trains in zip(scaled_a, train_b, strict=True) if trains]).t()
+        ctx.save_for_backward(x2 if any(train_a) else None, u, *weights, *factors_a, *factors_b, *kept)
+        ctx.flags = flags
+        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)  # an unused sibling output costs no zero T×out gradient
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        scalings, transposed, need_dx, train_a, train_b, _ = ctx.flags
+        n = len(scalings)
+        x2, u, *saved = ctx.saved_tensors
+        weights, factors_a, factors_b = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
+        kept = saved[3 * n :]
+        u_parts = _split_columns(u, [f.shape[1] for f, t in zip(factors_b, train_b, strict=True) if t])
+        dx = None
+        d_a: list[torch.Tensor | None] = [None] * n
+        d_b: list[torch.Tensor | None] = [None] * n
+        gbs = []  # (sibling, G_i s_i B_i) for siblings whose A trains
+        for i, grad in enumerate(grads):
+            if grad is None:
+                continue
+            g = fused._rows(grad)
+            lora_a, lora_b, scaling = factors_a[i], factors_b[i], scalings[i]
+            merged_weight, b_s = kept[2 * i], kept[2 * i + 1]
+            if need_dx:
+                if merged_weight is None:
+                    weight = weights[i] if weights[i].dtype == g.dtype else weights[i].to(g.dtype)
+                    merged_weight, _, b_s = fused._merge(weight, lora_a, lora_b, scaling, transposed)
+                w = merged_weight.t() if transposed else merged_weight
+                dx = g @ w if dx is None else dx.addmm_(g, w)
+            u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
+            if train_a[i]:
+                if b_s is None:
+                    b_s = (lora_b * scaling).to(g.dtype)
+                if train_b[i] and fused._use_grad_pass(g):
+                    gb, d_b[i] = triton_lora.lora_grad_pass(g, b_s, u_i)  # one read of dY for both
+                else:
+                    gb = g @ b_s
+                gbs.append((i, gb))
+            if train_b[i] and d_b[i] is None:
+                d_b[i] = fused._matmul_as(g.t(), u_i, lora_b.dtype)
+            elif d_b[i] is not None and d_b[i].dtype != lora_b.dtype:
+                d_b[i] = d_b[i].to(lora_b.dtype)
+        if gbs:
+            gb_cat = torch.cat([gb for _, gb in gbs], dim=1) if len(gbs) > 1 else gbs[0][1]
+            d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[gbs[0][0]].dtype)
+            rows = [gb.shape[1] for _, gb in gbs]
+            for (i, _), part in zip(gbs, torch.split(d_a_cat, rows, dim=0), strict=True):
+                d_a[i] = part
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, None, *([None] * (2 * n)), *d_a, *d_b
+
+
+def _split_columns(t: torch.Tensor | None, widths: list[int]) -> tuple[torch.Tensor, ...]:
+    return () if t is None else torch.split(t, widths, dim=1)
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    factors_a: Sequence[torch.Tensor],
+    factors_b: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    transposed_weight: bool = False,
+    *,
+    save_merged_weight: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """``y_i = x W0_iᵀ + b_i + s_i (x A_iᵀ) B_iᵀ`` for n sibling projections of one input ``x``.
+
+    The same function as n calls of :func:`lorakit.adapters.fused.lora_linear` with ``strategy="merged"``
+    and no dropout, computed with one pass over ``x`` for all ``u_i`` and one for all ``dA_i``, and the input
+    gradients summed inside the GEMMs (module docstring). The bases must be frozen. Returns one (..., out_i)
+    tensor per sibling, each a separate (non-view) tensor.
+    """
+    n = len(weights)
+    if not n or not (len(biases) == len(factors_a) == len(factors_b) == len(scalings) == n):
+        raise ValueError(
+            f"lora_linear_group: expected one weight, bias, A, B and scaling per sibling, got "
+            f"{len(weights)}, {len(biases)}, {len(factors_a)}, {len(factors_b)}, {len(scalings)}"
+        )
+    for i, (weight, bias, lora_a, lora_b) in enumerate(
+        zip(weights, biases, factors_a, factors_b, strict=True)
+    ):
+        try:
+            fused._check_shapes(x, weight, bias, lora_a, lora_b, transposed_weight)
+        except ValueError as error:
+            raise ValueError(f"lora_linear_group: sibling {i}: {error}") from None
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError(f"lora_linear_group: sibling {i} has a trainable base; group only frozen bases")
+    grad_on = torch.is_grad_enabled()
+    flags = (
+        tuple(float(s) for s in scalings),
+        bool(transposed_weight),
+        grad_on and x.requires_grad,
+        tuple(grad_on and a.requires_grad for a in factors_a),
+        tuple(grad_on and b.requires_grad for b in factors_b),
+        bool(save_merged_weight),
+    )
+    device_type = x.device.type
+    tensors = (*weights, *biases, *factors_a, *factors_b)
+    if torch.is_autocast_enabled(device_type):
+        # as fused.lora_linear: x in the autocast dtype, the Function itself without autocast
+        x = x.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return _LoraGroupFunction.apply(x, flags, *tensors)
+    return _LoraGroupFunction.apply(x, flags, *tensors)
+
+
+class SiblingGroup:
+    """Adapted linears under one parent module that take the same number of input features.
+
+    Candidates only: the first forward (the probe) runs every member on its own and records the input
+    tensor each one was called with. Members called with the very same tensor form a sharing set; from
+    then on, the first member of a set to be called computes the whole set with :func:`lora_linear_group`
+    and keeps the other members' outputs until each of them is called with that same tensor. A member
+    called with anything else (another tensor, the same one modified in place, or twice in a row) ends its
+    set's grouping for good, and every member runs on its own again: correct in every case, and grouped
+    only while the model keeps reading one input. A set also runs member by member on a call where the
+    merged strategy would not be picked (dropout active, few tokens as in decoding, a merged adapter).
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        self.members = tuple(members)
+        self._set_of: list[int | None] | None = None  # member -> its sharing set; None while probing
+        self._sets: list[tuple[int, ...]] = []
+        self._seen: list[tuple[int, torch.Tensor]] = []  # (member, input) of the probe
+        self._pending: dict[int, tuple[torch.Tensor, int, list[torch.Tensor | None]]] = {}
+
+    @property
+    def sharing_sets(self) -> list[tuple[nn.Module, ...]]:
+        """The sets of members that run grouped (empty until the probe has finished)."""
+        if self._set_of is None:
+            return []
+        live = {s for s in self._set_of if s is not None}
+        return [tuple(self.members[i] for i in self._sets[s]) for s in sorted(live)]
+
+    def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for input ``x`` from a grouped call, or None: then the member runs alone."""
+        index = self.members.index(member)
+        if self._set_of is None:
+            self._probe(index, x)
+            return None
+        group = self._set_of[index]
+        if group is None:
+            return None
+        pending = self._pending.pop(group, None)
+        position = self._sets[group].index(index)
+        if pending is not None:
+            first_input, version, outputs = pending
+            if first_input is x and _same_version(x, version) and outputs[position] is not None:
+                out, outputs[position] = outputs[position], None
+                if any(o is not None for o in outputs):
+                    self._pending[group] = pending
+                return out
+            self._stop(group)
+            return None
+        layers = [self.members[i] for i in self._sets[group]]
+        if not _merged_strategy_applies(layers, x):
+            return None
+        outputs = list(
+            lora_linear_group(
+                x,
+                [layer.base_layer.weight for layer in layers],
+                [layer.base_layer.bias for layer in layers],
+                [layer.lora_A for layer in layers],
+                [layer.lora_B for layer in layers],
+                [layer.scaling for layer in layers],
+                layers[0].transposed,
+                save_merged_weight=layers[0].save_merged_weight,
+            )
+        )
+        out, outputs[position] = outputs[position], None
+        self._pending[group] = (x, None if torch.compiler.is_compiling() else x._version, outputs)
+        return out
+
+    def _probe(self, index: int, x: torch.Tensor) -> None:
+        if any(i == index for i, _ in self._seen):  # a second forward began before every member ran
+            self._finish_probe()
+            return
+        self._seen.append((index, x))
+        if len(self._seen) == len(self.members):
+            self._finish_probe()
+
+    def _finish_probe(self) -> None:
+        sets: list[list[int]] = []
+        inputs: list[torch.Tensor] = []
+        for index, x in self._seen:
+            match = next((k for k, seen in enumerate(inputs) if seen is x), None)
+            if match is None:
+                sets.append([index])
+                inputs.append(x)
+            else:
+                sets[match].append(index)
+        self._sets = [tuple(s) for s in sets if len(s) > 1]
+        self._set_of = [None] * len(self.members)
+        for k, members in enumerate(self._sets):
+            for index in members:
+                self._set_of[index] = k
+        self._seen = []  # the probe held the inputs; let them go
+
+    def _stop(self, group: int) -> None:
+        self._pending.pop(group, None)
+        for index in self._sets[group]:
+            self._set_of[index] = None
+        logger.info(
+            "lorakit: %s no longer read one input tensor; they run one by one from now on",
+            [type(self.members[i].base_layer).__name__ for i in self._sets[group]],
+        )
+
+
+def _same_version(x: torch.Tensor, version: int | None) -> bool:
+    """Whether ``x`` was not modified in place since ``version`` was read. Under ``torch.compile`` the
+    version counter is not traceable and is not checked (an in-place write to a projection's input
+    between two sibling projections is not something models do)."""
+    return version is None or torch.compiler.is_compiling() or x._version == version
+
+
+def _merged_strategy_applies(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
+    """Whether each layer would run the ``"merged"`` strategy of :func:`fused.lora_linear` on ``x``."""
+    tokens = x.numel() // x.shape[-1] if x.dim() else 0
+    for layer in layers:
+        weight = layer.base_layer.weight
+        bias = layer.base_layer.bias
+        if (
+            layer.merged
+            or layer.kernel != "fused"
+            or (layer.training and layer.dropout_p > 0.0)
+            or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+        ):
+            return False
+        in_f, out_f = layer.features_of(layer.base_layer)
+        if x.shape[-1] != in_f:
+            return False
+        if fused._pick_strategy("auto", x, tokens, in_f, out_f, layer.r, False) != "merged":
+            return False
+    return True
+
+
+def group_siblings(layers: Sequence[tuple[str, nn.Module]]) -> list[SiblingGroup]:
+    """One :class:`SiblingGroup` per parent module for its fused LoRA linears of equal input width.
+
+    ``layers`` are (qualified name, layer) pairs; each layer in a group gets it as ``sibling_group``.
+    """
+    candidates: dict[tuple, list[nn.Module]] = {}
+    for name, layer in layers:
+        if layer.kernel != "fused" or not hasattr(layer, "transposed"):
+            continue
+        parent = name.rpartition(".")[0]
+        in_f = layer.features_of(layer.base_layer)[0]
+        key = (parent, type(layer), in_f, layer.save_merged_weight)
+        candidates.setdefault(key, []).append(layer)
+    groups = []
+    for members in candidates.values():
+        if len(members) > 1:
+            group = SiblingGroup(members)
+            for layer in members:
+                layer.sibling_group = group
+            groups.append(group)
+    return groups
