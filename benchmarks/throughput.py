@@ -249,24 +249,22 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
         finally:
             fused.GRAD_PASS_IN_EAGER = False
         want = _grouped_run(case, torch.float64, train, group=False)
-        errs = [  # a gradient on one side only counts as a mismatch
-            (None if g is None else float("inf"))
+        n = len(outs)
+        names = (
+            [f"y{i}" for i in range(n)] + ["dx"] + [f"dA{i}" for i in range(n)] + [f"dB{i}" for i in range(n)]
+        )
+        errs = {  # a gradient on one side only counts as a mismatch
+            name: (None if g is None else float("inf"))
             if w is None
             else (_rel(g, w) if g is not None and torch.isfinite(g).all() else float("inf"))
-            for g, w in zip(got, want, strict=True)
-        ]
-        worst = max(e for e in errs if e is not None)
+            for name, g, w in zip(names, got, want, strict=True)
+        }
+        worst = max(e for e in errs.values() if e is not None)
         passed = worst <= CHECK_TOL[dtype]
         ok &= passed
         strategy = "grouped+eagergrad" if eagergrad else "grouped"
         results.append(
-            {
-                "dtype": str(dtype),
-                "train": train,
-                "strategy": strategy,
-                "worst_rel_err": worst,
-                "pass": passed,
-            }
+            {"dtype": str(dtype), "train": train, "strategy": strategy, "rel_err": errs, "pass": passed}
         )
     return {"ok": ok, "cases": results}
 

@@ -203,7 +203,14 @@ class SiblingGroup:
         return [tuple(self.members[i] for i in self._sets[s]) for s in sorted(live)]
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """``member``'s output for input ``x`` from a grouped call, or None: then the member runs alone."""
+        """``member``'s output for input ``x`` from a grouped call, or None: then the member runs alone.
+
+        Always None under ``torch.compile``: there, on an H100, grouping did not change the step time and
+        raised peak memory by 1.4 GiB (16-layer Llama; benchmarks/RESULTS.md, "Sibling groups"), so a
+        compiled model runs every layer on its own, and the probe waits for an eager forward.
+        """
+        if torch.compiler.is_compiling():
+            return None
         index = self.members.index(member)
         if self._set_of is None:
             self._probe(index, x)
@@ -215,7 +222,7 @@ class SiblingGroup:
         position = self._sets[group].index(index)
         if pending is not None:
             first_input, version, outputs = pending
-            if first_input is x and _same_version(x, version) and outputs[position] is not None:
+            if first_input is x and x._version == version and outputs[position] is not None:
                 out, outputs[position] = outputs[position], None
                 if any(o is not None for o in outputs):
                     self._pending[group] = pending
@@ -238,7 +245,7 @@ class SiblingGroup:
             )
         )
         out, outputs[position] = outputs[position], None
-        self._pending[group] = (x, None if torch.compiler.is_compiling() else x._version, outputs)
+        self._pending[group] = (x, x._version, outputs)
         return out
 
     def _probe(self, index: int, x: torch.Tensor) -> None:
@@ -274,13 +281,6 @@ class SiblingGroup:
             "lorakit: %s no longer read one input tensor; they run one by one from now on",
             [type(self.members[i].base_layer).__name__ for i in self._sets[group]],
         )
-
-
-def _same_version(x: torch.Tensor, version: int | None) -> bool:
-    """Whether ``x`` was not modified in place since ``version`` was read. Under ``torch.compile`` the
-    version counter is not traceable and is not checked (an in-place write to a projection's input
-    between two sibling projections is not something models do)."""
-    return version is None or torch.compiler.is_compiling() or x._version == version
 
 
 def _merged_strategy_applies(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
