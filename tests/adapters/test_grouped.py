@@ -1,0 +1,252 @@
+"""Sibling groups (``lorakit.adapters.grouped``): the same function as one Function per layer (CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.adapters import grouped
+from lorakit.adapters.fused import reference_lora_linear
+
+IN, OUTS, RANKS = 12, (10, 6, 6), (4, 2, 3)
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def siblings(dtype: torch.dtype, train: str, transposed: bool, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    factor_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    shapes = [(IN, o) if transposed else (o, IN) for o in OUTS]
+    return {
+        "x": torch.randn(3, 5, IN, generator=g, dtype=dtype),
+        "W": [torch.randn(s, generator=g, dtype=dtype) / IN**0.5 for s in shapes],
+        "bias": [torch.randn(o, generator=g, dtype=dtype) if i != 1 else None for i, o in enumerate(OUTS)],
+        "A": [(torch.randn(r, IN, generator=g, dtype=factor_dtype) / IN**0.5) for r in RANKS],
+        "B": [torch.randn(o, r, generator=g, dtype=factor_dtype) for o, r in zip(OUTS, RANKS, strict=True)],
+        "scalings": [2.0, 0.5, 1.5],
+        "grads": [torch.randn(3, 5, o, generator=g, dtype=dtype) for o in OUTS],
+        "train": train,
+        "transposed": transposed,
+    }
+
+
+def run(case: dict, group: bool, used: tuple[int, ...] = (0, 1, 2)) -> list[torch.Tensor | None]:
+    """Outputs, dX and the factors' gradients, backpropagating only the outputs in ``used``."""
+    x = case["x"].clone().requires_grad_(True)
+    factors_a = [a.clone().requires_grad_("A" in case["train"]) for a in case["A"]]
+    factors_b = [b.clone().requires_grad_("B" in case["train"]) for b in case["B"]]
+    args = (case["W"], case["bias"], factors_a, factors_b, case["scalings"])
+    if group:
+        ys = grouped.lora_linear_group(x, *args, case["transposed"])
+    else:
+        ys = [
+            reference_lora_linear(x, w, b, a, b_, s, transposed_weight=case["transposed"])
+            for w, b, a, b_, s in zip(*args, strict=True)
+        ]
+    torch.autograd.backward([ys[i] for i in used], [case["grads"][i] for i in used])
+    return [y.detach() for y in ys] + [x.grad] + [t.grad for t in factors_a + factors_b]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", ["AB", "B", "A"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_group_matches_reference_per_sibling(dtype, train, transposed):
+    case = siblings(dtype, train, transposed, seed=len(train) + 5 * transposed)
+    got, want = run(case, group=True), run(case, group=False)
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        if w is None:
+            assert g is None, f"output {k}: a frozen factor got a gradient"
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, k
+        assert rel_err(g, w) <= TOL[dtype], f"output {k}: rel err {rel_err(g, w):.3g}"
+
+
+def test_unused_sibling_output_gets_no_gradient():
+    case = siblings(torch.float64, "AB", False, seed=3)
+    got, want = run(case, group=True, used=(0, 2)), run(case, group=False, used=(0, 2))
+    n = len(OUTS)
+    a_grads, b_grads = got[n + 1 : 2 * n + 1], got[2 * n + 1 :]
+    assert a_grads[1] is None and b_grads[1] is None  # sibling 1's output was not used
+    for g, w in zip(got, want, strict=True):
+        if g is not None:
+            assert rel_err(g, w) <= 1e-10
+
+
+def test_group_rejects_mismatched_siblings():
+    case = siblings(torch.float32, "AB", False, seed=0)
+    with pytest.raises(ValueError, match="sibling 2"):
+        grouped.lora_linear_group(
+            case["x"], case["W"], case["bias"], case["A"], [*case["B"][:2], case["B"][0]], case["scalings"]
+        )
+    with pytest.raises(ValueError, match="one weight, bias, A, B and scaling per sibling"):
+        grouped.lora_linear_group(case["x"], case["W"], case["bias"], case["A"], case["B"], [1.0])
+
+
+class _Attention(nn.Module):
+    """q/k/v read one input; o, with as many input features, reads another (as in a transformer)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.tanh(self.q(x)) * self.k(x) + self.v(x)
+        return self.o(mixed)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _Attention()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm(x)) + x
+
+
+def adapted(group: bool, train: str = "AB", dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Block().double()
+    config = lorakit.LoraConfig(
+        r=4, targets=["q", "k", "v", "o"], train=train, dropout=dropout, group_siblings=group
+    )
+    lorakit.inject(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B.normal_()
+    return model
+
+
+def steps(model: nn.Module, x: torch.Tensor, n: int = 3) -> list[list[torch.Tensor]]:
+    results = []
+    for _ in range(n):
+        model.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_(True)
+        out = model(xs)
+        out.square().sum().backward()
+        results.append([out.detach(), xs.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    return results
+
+
+@pytest.fixture
+def count_group_calls(monkeypatch):
+    calls = []
+    original = grouped.lora_linear_group
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grouped, "lora_linear_group", counting)
+    return calls
+
+
+@pytest.mark.parametrize("train", ["AB", "B"])
+def test_model_finds_the_siblings_that_share_an_input(train, count_group_calls):
+    x = torch.randn(2, 32, 16, dtype=torch.float64)  # 64 tokens: the merged strategy applies
+    want = steps(adapted(False, train), x)
+    model = adapted(True, train)
+    got = steps(model, x)
+    group = model.attn.q.sibling_group
+    assert group is model.attn.o.sibling_group  # o is a candidate: same parent, same input width
+    assert group.sharing_sets == [(model.attn.q, model.attn.k, model.attn.v)]
+    assert count_group_calls == [3, 3]  # step 1 probes; steps 2 and 3 run q/k/v as one group
+    for step_got, step_want in zip(got, want, strict=True):
+        for g, w in zip(step_got, step_want, strict=True):
+            assert rel_err(g, w) <= 1e-10
+
+
+class _Unshared(nn.Module):
+    """Siblings that read one tensor on the first call only, then different ones (e.g. cross-attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        other = x if self.calls == 1 else x * 2
+        return self.a(x).sum(-1, keepdim=True) * self.b(other)
+
+
+def test_siblings_that_stop_sharing_run_alone_and_stay_correct(count_group_calls):
+    torch.manual_seed(0)
+    reference = _Unshared().double()
+    model = copy.deepcopy(reference)
+    for m, group in ((reference, False), (model, True)):
+        config = lorakit.LoraConfig(r=2, targets=["a", "b"], group_siblings=group)
+        lorakit.inject(m, config)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(m):
+                layer.lora_B.normal_()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    want, got = steps(reference, x), steps(model, x)
+    assert count_group_calls == [2]  # step 2 grouped a and b on x; b then read 2x: grouping stopped
+    assert model.a.sibling_group.sharing_sets == []
+    for step_got, step_want in zip(got, want, strict=True):
+        for g, w in zip(step_got, step_want, strict=True):
+            assert rel_err(g, w) <= 1e-10
+
+
+def test_input_modified_in_place_between_siblings_ends_grouping(count_group_calls):
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x * 1.0
+            first = self.a(x)
+            if getattr(self, "modify", False):
+                x.mul_(3.0)  # b must see the modified input
+            return first + self.b(x)
+
+    torch.manual_seed(0)
+    model = InPlace().double()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["a", "b"]))
+    x = torch.randn(64, 16, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)  # the probe: a and b read one tensor
+        model.modify = True
+        out = model(x)
+        assert count_group_calls == [2]
+        assert model.a.sibling_group.sharing_sets == []
+        want = model.a(x) + model.b(x * 3.0)
+    assert rel_err(out, want) <= 1e-12
+
+
+def test_dropout_in_training_runs_siblings_alone(count_group_calls):
+    model = adapted(True, dropout=0.2)
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    steps(model, x)
+    assert count_group_calls == []  # dropout is per layer; the merged strategy does not apply
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert count_group_calls == [3]  # in eval dropout is off and q/k/v group
+
+
+def test_compiled_model_runs_layers_alone_without_graph_breaks(count_group_calls):
+    model, reference = adapted(True), adapted(False)
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    want = steps(reference, x, n=2)
+    got = steps(torch.compile(model, fullgraph=True, backend="aot_eager"), x, n=2)
+    assert count_group_calls == []
+    for step_got, step_want in zip(got, want, strict=True):
+        for g, w in zip(step_got, step_want, strict=True):
+            assert rel_err(g, w) <= 1e-10
+
+
+def test_group_siblings_must_be_a_bool():
+    with pytest.raises(ValueError, match="group_siblings"):
+        lorakit.LoraConfig(group_siblings="yes")
