@@ -250,3 +250,18 @@ def test_compiled_model_runs_layers_alone_without_graph_breaks(count_group_calls
 def test_group_siblings_must_be_a_bool():
     with pytest.raises(ValueError, match="group_siblings"):
         lorakit.LoraConfig(group_siblings="yes")
+
+
+def test_a_sibling_whose_weight_is_not_whole_runs_alone(count_group_calls):
+    """FSDP leaves a sharded unit's weight empty outside its forward: the group must not read it."""
+    model = adapted(True)
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    steps(model, x, n=1)  # the probe
+    whole = model.attn.k.base_layer.weight
+    model.attn.k.base_layer.weight = nn.Parameter(whole.detach()[:0], requires_grad=False)
+    with torch.no_grad():
+        assert not grouped._merged_strategy_applies([model.attn.q, model.attn.k], x)
+    model.attn.k.base_layer.weight = whole
+    with torch.no_grad():
+        model(x)
+    assert count_group_calls == [3]

@@ -298,6 +298,11 @@ def _merged_strategy_applies(layers: Sequence[nn.Module], x: torch.Tensor) -> bo
         ):
             return False
         in_f, out_f = layer.features_of(layer.base_layer)
+        full_shape = (in_f, out_f) if layer.transposed else (out_f, in_f)
+        # A sharded (FSDP, DTensor) or packed (quantised) weight of a sibling is not this call's to read:
+        # each such layer runs alone, inside its own wrapper's forward.
+        if type(weight) not in (torch.Tensor, nn.Parameter) or tuple(weight.shape) != full_shape:
+            return False
         if x.shape[-1] != in_f:
             return False
         if fused._pick_strategy("auto", x, tokens, in_f, out_f, layer.r, False) != "merged":
