@@ -52,7 +52,8 @@ class LoraConfig:
         group_siblings: fused kernel only: adapted linears under one parent that read the same input
             tensor (q/k/v, gate/up) run as one group, with one pass over the input for all their rank-r
             products and their input gradients summed inside the GEMMs (:mod:`lorakit.adapters.grouped`).
-            The same function either way; which layers share an input is found on the first forward.
+            The same function either way; which layers share an input is found on the first forward. In
+            eager only (not under ``torch.compile`` or non-reentrant activation checkpointing).
     """
 
     r: int = 8

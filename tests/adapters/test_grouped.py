@@ -265,3 +265,48 @@ def test_a_sibling_whose_weight_is_not_whole_runs_alone(count_group_calls):
     with torch.no_grad():
         model(x)
     assert count_group_calls == [3]
+
+
+def test_groups_run_under_inference_mode(count_group_calls):
+    model, reference = adapted(True), adapted(False)
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        got = [model(x) for _ in range(3)]
+        want = reference(x)
+    assert count_group_calls == [3, 3]
+    for out in got:
+        assert rel_err(out, want) <= 1e-12
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_what_the_forward_saved(reentrant, count_group_calls):
+    """Non-reentrant checkpointing checks that recomputation saves the same tensors as the forward; the
+    probe ending in between must not change that (groups stay off under saved-tensor hooks)."""
+    model, reference = (_Checkpointed(adapted(g), reentrant) for g in (True, False))
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    got, want = steps(model, x), steps(reference, x)
+    assert (count_group_calls != []) == reentrant  # the reentrant forward runs under no_grad, no hooks
+    for step_got, step_want in zip(got, want, strict=True):
+        for g, w in zip(step_got, step_want, strict=True):
+            assert rel_err(g, w) <= 1e-10
+
+
+def test_a_shallow_copy_of_a_member_runs_alone(count_group_calls):
+    """nn.DataParallel's replicas are shallow copies that share the group object but are not its members."""
+    model = adapted(True)
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)  # the probe
+        replica = copy.copy(model.attn.q)
+        assert replica.sibling_group is model.attn.q.sibling_group
+        assert rel_err(replica(x), model.attn.q(x)) <= 1e-12
+    assert count_group_calls == [3]  # only the member's own call grouped

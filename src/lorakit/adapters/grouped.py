@@ -192,7 +192,7 @@ class SiblingGroup:
         self._set_of: list[int | None] | None = None  # member -> its sharing set; None while probing
         self._sets: list[tuple[int, ...]] = []
         self._seen: list[tuple[int, torch.Tensor]] = []  # (member, input) of the probe
-        self._pending: dict[int, tuple[torch.Tensor, int, list[torch.Tensor | None]]] = {}
+        self._pending: dict[int, tuple[torch.Tensor, int | None, list[torch.Tensor | None]]] = {}
 
     @property
     def sharing_sets(self) -> list[tuple[nn.Module, ...]]:
@@ -207,10 +207,15 @@ class SiblingGroup:
 
         Always None under ``torch.compile``: there, on an H100, grouping did not change the step time and
         raised peak memory by 1.4 GiB (16-layer Llama; benchmarks/RESULTS.md, "Sibling groups"), so a
-        compiled model runs every layer on its own, and the probe waits for an eager forward.
+        compiled model runs every layer on its own, and the probe waits for an eager forward. Also None
+        while saved-tensor hooks are active (non-reentrant activation checkpointing, offloading): the
+        checkpoint's recomputation must save exactly what the forward saved, and a probe that ends between
+        the two would change that.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _saved_tensors_hooked():
             return None
+        if not any(member is m for m in self.members):
+            return None  # a shallow copy of a member, e.g. an nn.DataParallel replica: it runs alone
         index = self.members.index(member)
         if self._set_of is None:
             self._probe(index, x)
@@ -222,7 +227,7 @@ class SiblingGroup:
         position = self._sets[group].index(index)
         if pending is not None:
             first_input, version, outputs = pending
-            if first_input is x and x._version == version and outputs[position] is not None:
+            if first_input is x and _version(x) == version and outputs[position] is not None:
                 out, outputs[position] = outputs[position], None
                 if any(o is not None for o in outputs):
                     self._pending[group] = pending
@@ -245,7 +250,7 @@ class SiblingGroup:
             )
         )
         out, outputs[position] = outputs[position], None
-        self._pending[group] = (x, x._version, outputs)
+        self._pending[group] = (x, _version(x), outputs)
         return out
 
     def _probe(self, index: int, x: torch.Tensor) -> None:
@@ -281,6 +286,24 @@ class SiblingGroup:
             "lorakit: %s no longer read one input tensor; they run one by one from now on",
             [type(self.members[i].base_layer).__name__ for i in self._sets[group]],
         )
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active, as inside ``torch.utils.checkpoint(use_reentrant=False)``.
+
+    Reads torch's private query (what ``torch.utils.checkpoint`` itself uses); if a torch version lacks it,
+    answers True, so groups stay off rather than risk a checkpoint's recomputation saving other tensors.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    return top(False) is not None
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s in-place write counter; None for an inference tensor, which keeps none (then in-place writes
+    between two siblings go unseen, as for any cache of inference outputs)."""
+    return None if x.is_inference() else x._version
 
 
 def _merged_strategy_applies(layers: Sequence[nn.Module], x: torch.Tensor) -> bool:
