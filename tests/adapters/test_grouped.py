@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.adapters import grouped
+from lorakit.adapters import LoraLinear, grouped
 from lorakit.adapters.fused import reference_lora_linear
 
 IN, OUTS, RANKS = 12, (10, 6, 6), (4, 2, 3)
@@ -310,3 +310,15 @@ def test_a_shallow_copy_of_a_member_runs_alone(count_group_calls):
         assert replica.sibling_group is model.attn.q.sibling_group
         assert rel_err(replica(x), model.attn.q(x)) <= 1e-12
     assert count_group_calls == [3]  # only the member's own call grouped
+
+
+def test_layers_of_a_subclass_are_not_grouped():
+    """A LoraLinear subclass may compute something else (a new variant): groups only take plain layers."""
+
+    class Variant(LoraLinear):
+        pass
+
+    base = _Block()
+    layers = [(f"attn.{n}", Variant(getattr(base.attn, n), r=2, alpha=4.0, scaling=2.0)) for n in "qkv"]
+    assert grouped.group_siblings(layers) == []
+    assert all(layer.sibling_group is None for _, layer in layers)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters import fused, triton_lora
+from lorakit.adapters.layers import LoraConv1D, LoraLinear
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,8 @@ def group_siblings(layers: Sequence[tuple[str, nn.Module]]) -> list[SiblingGroup
     """
     candidates: dict[tuple, list[nn.Module]] = {}
     for name, layer in layers:
-        if layer.kernel != "fused" or not hasattr(layer, "transposed"):
+        # exact types: a subclass with other math (a new variant) must not run as plain LoRA
+        if type(layer) not in (LoraLinear, LoraConv1D) or layer.kernel != "fused":
             continue
         parent = name.rpartition(".")[0]
         in_f = layer.features_of(layer.base_layer)[0]
