@@ -26,7 +26,7 @@ import logging
 from functools import partial
 
 import torch
-from kernel_bench import bench_ms, distinct_shapes, environment, per_step_parser, start
+from kernel_bench import bench_ms, distinct_shapes, environment, per_step_parser, rel_err, start
 
 from lorakit.adapters import fused, triton_gemm
 from lorakit.adapters.triton_gemm import GemmConfig
@@ -53,10 +53,6 @@ CONFIGS = [
     GemmConfig(128, 64, warps=4, stages=4),
 ]
 TOLERANCE = 1e-2
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).norm() / want.norm())
 
 
 def cases(tokens: int, in_f: int, out_f: int) -> dict:
@@ -94,7 +90,7 @@ def measure(tokens: int, in_f: int, out_f: int) -> dict:
     row = {}
     for name, case in cases(tokens, in_f, out_f).items():
         a, b, u, v, b_kn, v_rn = case["operands"]
-        merged_err = _rel(case["merged"](), case["reference"])
+        merged_err = rel_err(case["merged"](), case["reference"])
         result = {
             "cublas_ms": bench_ms(case["cublas"], REP_MS),
             "merged_ms": bench_ms(case["merged"], REP_MS),
@@ -105,7 +101,7 @@ def measure(tokens: int, in_f: int, out_f: int) -> dict:
         for config in [None, *(c for c in CONFIGS if c != library)]:  # None: the library's, timed once
             label = (config or library)._asdict()
             try:
-                err = _rel(triton_gemm.launch(a, b, u, v, None, b_kn, v_rn, config), case["reference"])
+                err = rel_err(triton_gemm.launch(a, b, u, v, None, b_kn, v_rn, config), case["reference"])
             except Exception as exc:  # e.g. Triton's OutOfResources: the config cannot run here
                 logger.info("%5d→%-5d %-10s %s: %s", in_f, out_f, name, label, repr(exc)[:300])
                 result["configs"].append(

@@ -26,7 +26,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from kernel_bench import PROJECTIONS, environment, per_step_parser, start
+from kernel_bench import PROJECTIONS, environment, per_step_parser, rel_err, start
 
 from lorakit.adapters import fused, grouped
 from lorakit.utils import atomic_write_json
@@ -38,10 +38,6 @@ SCALE = 2.0
 TOLERANCE = 1e-2
 VARIANTS = ("no_adapter", "separate", "grouped")
 GROUPS = {"q/k/v": ("q", "k", "v"), "gate/up": ("gate", "up")}
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm())
 
 
 def operands(tokens: int, names: tuple[str, ...], train_a: bool) -> dict:
@@ -109,7 +105,7 @@ def measure(tokens: int, names: tuple[str, ...], train_a: bool) -> dict:
     plain = forwards(ops)
     want = step(plain["separate"], ops)
     got = step(plain["grouped"], ops)
-    errors = [_rel(g, w) for g, w in zip(got, want, strict=True)]
+    errors = [rel_err(g, w) for g, w in zip(got, want, strict=True)]
     if not max(errors) <= TOLERANCE:
         raise SystemExit(f"{'/'.join(names)} train_a={train_a}: grouped vs separate rel. errs {errors}")
     row = {"max_rel_err": max(errors)}

@@ -1,7 +1,8 @@
 """Shared pieces of the per-shape GPU kernel benchmarks (``rank_r_kernels.py``, ``folded_u_gemm.py``,
-``stream_overlap.py``, ``triton_gemm_headroom.py``, ``folded_gemm.py``): the projection shapes of the default
-model of ``throughput.py`` (Llama, hidden 2048, MLP 8192, 32 heads / 8 KV heads), a ``do_bench`` timer, a
-GPU warm-up, the environment record, and the command line and start-up of the scripts that total per step."""
+``stream_overlap.py``, ``triton_gemm_headroom.py``, ``folded_gemm.py``, ``grouped_projections.py``): the
+projection shapes of the default model of ``throughput.py`` (Llama, hidden 2048, MLP 8192, 32 heads / 8 KV
+heads), a ``do_bench`` timer, a float64 relative error, a GPU warm-up, the environment record, and the
+command line and start-up of the scripts that total per step."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def bench_ms(fn: Callable[[], object], rep: int) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, rep=rep, return_mode="median"))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``‖got − want‖ / ‖want‖`` in float64."""
+    want = want.double()
+    return float((got.double() - want).norm() / want.norm())
 
 
 def steady_clocks(rep: int = 100) -> None:

@@ -24,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -118,6 +118,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _case_errors(
+    names: Sequence[str],
+    got: Sequence[torch.Tensor | None],
+    want: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+) -> tuple[dict, bool]:
+    """Relative error per output against the float64 reference, and whether the worst is within
+    ``CHECK_TOL[dtype]``. A tensor on one side only, or a non-finite one, counts as an infinite error;
+    None on both sides (a frozen factor's gradient) is not compared."""
+    errs = {}
+    for name, g, w in zip(names, got, want, strict=True):
+        if w is None:
+            errs[name] = None if g is None else float("inf")
+        else:
+            errs[name] = _rel(g, w) if g is not None and torch.isfinite(g).all() else float("inf")
+    worst = max(e for e in errs.values() if e is not None)
+    return errs, worst <= CHECK_TOL[dtype]
+
+
 def check_fused(device: str, tokens: int = 4096) -> dict:
     """Fused path (bf16 and fp32 on ``device``) vs the reference in float64, fresh random inputs per case."""
     results, ok = [], True
@@ -183,14 +202,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
         finally:
             fused.GRAD_PASS_IN_EAGER = False
         want = run(reference_lora_linear, torch.float64)
-        errs = {}
-        for name, gt, wt in zip(("y", "dx", "dA", "dB"), got, want, strict=True):
-            if wt is None:
-                errs[name] = None if gt is None else float("inf")
-                continue
-            errs[name] = _rel(gt, wt) if torch.isfinite(gt).all() else float("inf")
-        worst = max(e for e in errs.values() if e is not None)
-        passed = worst <= CHECK_TOL[dtype]
+        errs, passed = _case_errors(("y", "dx", "dA", "dB"), got, want, dtype)
         ok &= passed
         results.append(
             {
@@ -253,14 +265,7 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
         names = (
             [f"y{i}" for i in range(n)] + ["dx"] + [f"dA{i}" for i in range(n)] + [f"dB{i}" for i in range(n)]
         )
-        errs = {  # a gradient on one side only counts as a mismatch
-            name: (None if g is None else float("inf"))
-            if w is None
-            else (_rel(g, w) if g is not None and torch.isfinite(g).all() else float("inf"))
-            for name, g, w in zip(names, got, want, strict=True)
-        }
-        worst = max(e for e in errs.values() if e is not None)
-        passed = worst <= CHECK_TOL[dtype]
+        errs, passed = _case_errors(names, got, want, dtype)
         ok &= passed
         strategy = "grouped+eagergrad" if eagergrad else "grouped"
         results.append(

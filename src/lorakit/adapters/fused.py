@@ -304,14 +304,8 @@ class _LoraLinearFunction(torch.autograd.Function):
             dx = _input_grad(g, merged_weight, transposed)
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
-        gb = None  # G (sB), T×r
-        if train_a or (need_dx and strategy != "merged"):
-            if train_b and _use_grad_pass(g):
-                gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
-                if d_b.dtype != lora_B.dtype:
-                    d_b = d_b.to(lora_B.dtype)
-            else:
-                gb = g @ b_s
+        need_gb = train_a or (need_dx and strategy != "merged")
+        gb, d_b = _gb_and_db(g, b_s, u, need_gb, train_b, lora_B.dtype)  # gb = G (sB), T×r
         if need_dx and strategy == "folded":
             # dX = dY W0 + G A in one GEMM: W0 (out, in) is the (K, N) operand, a Conv1D's (in, out) (N, K)
             dx = triton_gemm.lora_gemm(g, weight, gb, lora_A.to(dtype), b_kn=not transposed, v_rn=True)
@@ -326,9 +320,33 @@ class _LoraLinearFunction(torch.autograd.Function):
         if train_a:
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
             d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
-        if train_b and d_b is None:
-            d_b = _matmul_as(g.t(), u, lora_B.dtype)
         return dx, None, None, d_a, d_b, None, None
+
+
+def _gb_and_db(
+    g: torch.Tensor,
+    b_s: torch.Tensor | None,
+    u: torch.Tensor | None,
+    need_gb: bool,
+    train_b: bool,
+    db_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(G · sB if need_gb, dB = Gᵀ u in db_dtype if train_b)`` for the upstream gradient G (T×out).
+
+    Where both are wanted and :func:`_use_grad_pass` holds, one Triton kernel reads G once for both;
+    otherwise each is a GEMM of its own (dB written in float32 directly on CUDA).
+    """
+    gb = d_b = None
+    if need_gb:
+        if train_b and _use_grad_pass(g):
+            gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
+            if d_b.dtype != db_dtype:
+                d_b = d_b.to(db_dtype)
+        else:
+            gb = g @ b_s
+    if train_b and d_b is None:
+        d_b = _matmul_as(g.t(), u, db_dtype)
+    return gb, d_b
 
 
 def lora_linear(
@@ -395,12 +413,7 @@ def lora_linear(
     need_dx = grad_on and x.requires_grad
     train_a = grad_on and lora_A.requires_grad
     train_b = grad_on and lora_B.requires_grad
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        # Under autocast a Linear runs in the autocast dtype: cast x as F.linear would, then run the
-        # Function with autocast off so forward and backward see one dtype (backward runs without autocast).
-        x = x.to(torch.get_autocast_dtype(device_type))
+    x, autocast = _autocast_input(x)
     picked = _pick_strategy(strategy, x, x.numel() // in_f, in_f, out_f, lora_A.shape[0], mask is not None)
     flags = (
         float(scaling),
@@ -412,13 +425,26 @@ def lora_linear(
         train_b,
         bool(save_merged_weight),
     )
-    args = (weight, bias, lora_A, lora_B, mask, flags)
+    return _apply(_LoraLinearFunction, autocast, x, weight, bias, lora_A, lora_B, mask, flags)
+
+
+def _autocast_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(x in the autocast dtype, True)`` under autocast (a Linear runs in that dtype: cast x as
+    ``F.linear`` would), else ``(x, False)``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type)), True
+    return x, False
+
+
+def _apply(function: type[torch.autograd.Function], autocast: bool, x: torch.Tensor, *args) -> object:
+    """``function.apply(x, *args)``; under autocast with autocast off inside, so forward and backward
+    (which runs without autocast) see one dtype. No autocast context otherwise: entering one costs CPU time
+    on every call, and eager LoRA steps are bound by CPU launch time."""
     if autocast:
-        with torch.autocast(device_type, enabled=False):
-            return _LoraLinearFunction.apply(x, *args)
-    # No autocast context otherwise: entering one costs CPU time on every call, and eager LoRA steps are
-    # bound by CPU launch time.
-    return _LoraLinearFunction.apply(x, *args)
+        with torch.autocast(x.device.type, enabled=False):
+            return function.apply(x, *args)
+    return function.apply(x, *args)
 
 
 def _dropout_mask_arg(x: torch.Tensor, p: float, given: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import fused, triton_lora
+from lorakit.adapters import fused
 from lorakit.adapters.layers import LoraConv1D, LoraLinear
 
 logger = logging.getLogger(__name__)
@@ -96,18 +96,11 @@ class _LoraGroupFunction(torch.autograd.Function):
                 w = merged_weight.t() if transposed else merged_weight
                 dx = g @ w if dx is None else dx.addmm_(g, w)
             u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
+            if train_a[i] and b_s is None:
+                b_s = (lora_b * scaling).to(g.dtype)
+            gb, d_b[i] = fused._gb_and_db(g, b_s, u_i, train_a[i], train_b[i], lora_b.dtype)
             if train_a[i]:
-                if b_s is None:
-                    b_s = (lora_b * scaling).to(g.dtype)
-                if train_b[i] and fused._use_grad_pass(g):
-                    gb, d_b[i] = triton_lora.lora_grad_pass(g, b_s, u_i)  # one read of dY for both
-                else:
-                    gb = g @ b_s
                 gbs.append((i, gb))
-            if train_b[i] and d_b[i] is None:
-                d_b[i] = fused._matmul_as(g.t(), u_i, lora_b.dtype)
-            elif d_b[i] is not None and d_b[i].dtype != lora_b.dtype:
-                d_b[i] = d_b[i].to(lora_b.dtype)
         if gbs:
             gb_cat = torch.cat([gb for _, gb in gbs], dim=1) if len(gbs) > 1 else gbs[0][1]
             d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[gbs[0][0]].dtype)
@@ -165,14 +158,8 @@ def lora_linear_group(
         tuple(grad_on and b.requires_grad for b in factors_b),
         bool(save_merged_weight),
     )
-    device_type = x.device.type
-    tensors = (*weights, *biases, *factors_a, *factors_b)
-    if torch.is_autocast_enabled(device_type):
-        # as fused.lora_linear: x in the autocast dtype, the Function itself without autocast
-        x = x.to(torch.get_autocast_dtype(device_type))
-        with torch.autocast(device_type, enabled=False):
-            return _LoraGroupFunction.apply(x, flags, *tensors)
-    return _LoraGroupFunction.apply(x, flags, *tensors)
+    x, autocast = fused._autocast_input(x)
+    return fused._apply(_LoraGroupFunction, autocast, x, flags, *weights, *biases, *factors_a, *factors_b)
 
 
 class SiblingGroup:
@@ -215,23 +202,24 @@ class SiblingGroup:
         """
         if torch.compiler.is_compiling() or _saved_tensors_hooked():
             return None
-        if not any(member is m for m in self.members):
+        try:
+            index = self.members.index(member)  # modules compare by identity
+        except ValueError:
             return None  # a shallow copy of a member, e.g. an nn.DataParallel replica: it runs alone
-        index = self.members.index(member)
         if self._set_of is None:
             self._probe(index, x)
             return None
         group = self._set_of[index]
         if group is None:
             return None
-        pending = self._pending.pop(group, None)
+        pending = self._pending.get(group)
         position = self._sets[group].index(index)
         if pending is not None:
             first_input, version, outputs = pending
             if first_input is x and _version(x) == version and outputs[position] is not None:
                 out, outputs[position] = outputs[position], None
-                if any(o is not None for o in outputs):
-                    self._pending[group] = pending
+                if all(o is None for o in outputs):
+                    del self._pending[group]
                 return out
             self._stop(group)
             return None
