@@ -43,8 +43,7 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
 # too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
 # weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
-# adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False). G = dY·sB
-# by a GEMM of its own in eager instead of as extra columns of the input-gradient GEMM (fused.STACK_G off).
+# adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -57,7 +56,6 @@ EXTRA_VARIANTS = [
     "lorakit-frozenA-folded",
     "lorakit-ungrouped",
     "lorakit-frozenA-ungrouped",
-    "lorakit-unstacked",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -77,7 +75,6 @@ PEER = {
     "lorakit-frozenA-folded": "peft-bf16-frozenA",
     "lorakit-ungrouped": "peft-bf16",
     "lorakit-frozenA-ungrouped": "peft-bf16-frozenA",
-    "lorakit-unstacked": "peft-bf16",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -88,7 +85,6 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-folded": 0.97,
     "lorakit-ungrouped": 0.95,
     "lorakit-frozenA-ungrouped": 0.97,
-    "lorakit-unstacked": 0.95,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -98,7 +94,6 @@ PROFILED = (
     "lorakit-savemerged",
     "lorakit-eagergrad",
     "lorakit-folded",
-    "lorakit-unstacked",
 )
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -438,7 +433,6 @@ def measure(
     torch._dynamo.reset()
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
-    fused.STACK_G = not variant.endswith("-unstacked")
     fused.FOLDED_GEMM = variant.endswith("-folded")
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)

@@ -68,8 +68,6 @@ def test_saved_merged_weight_matches_reference_and_skips_the_second_merge(
     dtype, train, transposed, monkeypatch
 ):
     inputs = make_inputs(dtype, train, transposed, bias=True, seed=3 + len(train))
-    # bitwise equality below needs G from the same GEMM either way; the stacked G has its own test
-    monkeypatch.setattr(fused, "STACK_G", False)
     merges = []
     real_merge = fused._merge
     monkeypatch.setattr(fused, "_merge", lambda *args: merges.append(1) or real_merge(*args))

@@ -81,11 +81,6 @@ GRAD_PASS_IN_EAGER = False
 #: merged strategy's time per GEMM at the large projections, but not faster per compiled training step
 #: (benchmarks/RESULTS.md, "Folded LoRA GEMM").
 FOLDED_GEMM = False
-#: In eager, the merged strategy's backward gets ``G = dY · sB`` from the input-gradient GEMM, as extra
-#: output columns (:func:`_merge_banded`), instead of a second GEMM that reads the T×out ``dY`` again. On
-#: an H100 this took 1.2 ms of GPU time off a 16-layer Llama step (benchmarks/RESULTS.md, "G inside the
-#: input-gradient GEMM"). Under ``torch.compile`` the one-pass G/dB kernel runs instead.
-STACK_G = True
 STRATEGIES = ("auto", "merged", "addmm", "folded")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
@@ -160,32 +155,6 @@ def _merge(
     a_s, b_s = (lora_A * scaling).to(dtype), (lora_B * scaling).to(dtype)
     merged = torch.addmm(weight, a.t(), b_s.t()) if transposed else torch.addmm(weight, b_s, a)
     return merged, a_s, b_s
-
-
-def _stacks_g(transposed: bool) -> bool:
-    """Whether a merged backward takes G from its input-gradient GEMM (:data:`STACK_G`; ``nn.Linear``
-    layout; eager)."""
-    return STACK_G and not transposed and not torch.compiler.is_compiling()
-
-
-def _merge_banded(
-    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, band: int, slot: int
-) -> torch.Tensor:
-    """``[W0 + s·B A | band]``: the merged (out, in) weight with ``band`` more columns, ``s·B`` in columns
-    ``in + slot`` … ``in + slot + r − 1`` and zeros in the others (all zeros for ``slot`` ≥ band).
-
-    ``dY @ stack = [dY W | dY · sB]``: the input gradient and ``G = dY · sB`` from one GEMM, one read of
-    ``dY``; siblings with their ``s·B`` in disjoint slots add into one T × (in + band) output (β = 1).
-    """
-    if _use_triton("merge", weight):
-        return triton_lora.merge_lora_weight_banded(weight, lora_B, lora_A, scaling, band, slot)[0]
-    merged, _, b_s = _merge(weight, lora_A, lora_B, scaling, False)
-    in_f, r = merged.shape[1], b_s.shape[1]
-    stack = merged.new_zeros(merged.shape[0], in_f + band)
-    stack[:, :in_f] = merged
-    if slot < band:
-        stack[:, in_f + slot : in_f + slot + r] = b_s
-    return stack
 
 
 def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -328,21 +297,15 @@ class _LoraLinearFunction(torch.autograd.Function):
         scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _ = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
-        dx = d_a = d_b = gb = None
+        dx = d_a = d_b = None
         if need_dx and strategy == "merged":
-            if merged_weight is None and train_a and _stacks_g(transposed):
-                in_f = lora_A.shape[1]
-                both = g @ _merge_banded(weight, lora_A, lora_B, scaling, lora_A.shape[0], 0)
-                dx, gb = both[:, :in_f], both[:, in_f:]
-            else:
-                if merged_weight is None:
-                    merged_weight, _, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
-                dx = _input_grad(g, merged_weight, transposed)
-        need_gb = gb is None and (train_a or (need_dx and strategy != "merged"))
-        if b_s is None and need_gb:
+            if merged_weight is None:
+                merged_weight, _, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
+            dx = _input_grad(g, merged_weight, transposed)
+        if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
-        gb_db = _gb_and_db(g, b_s, u, need_gb, train_b, lora_B.dtype)  # G (sB), T×r; dB
-        gb, d_b = gb if gb is not None else gb_db[0], gb_db[1]
+        need_gb = train_a or (need_dx and strategy != "merged")
+        gb, d_b = _gb_and_db(g, b_s, u, need_gb, train_b, lora_B.dtype)  # gb = G (sB), T×r
         if need_dx and strategy == "folded":
             # dX = dY W0 + G A in one GEMM: W0 (out, in) is the (K, N) operand, a Conv1D's (in, out) (N, K)
             dx = triton_gemm.lora_gemm(g, weight, gb, lora_A.to(dtype), b_kn=not transposed, v_rn=True)

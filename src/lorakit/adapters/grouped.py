@@ -79,13 +79,6 @@ class _LoraGroupFunction(torch.autograd.Function):
         weights, factors_a, factors_b = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
         kept = saved[3 * n :]
         u_parts = _split_columns(u, [f.shape[1] for f, t in zip(factors_b, train_b, strict=True) if t])
-        # With G stacked (fused.STACK_G), sibling i's G_i comes out of its input-gradient GEMM in columns
-        # in + slots[i] … of the shared T × (in + band) output; siblings whose A is frozen get no slot.
-        slots, band = [], 0
-        for lora_a, trains in zip(factors_a, train_a, strict=True):
-            slots.append(band)
-            band += lora_a.shape[0] if trains else 0
-        stacked = need_dx and band > 0 and kept[0] is None and fused._stacks_g(transposed)
         dx = None
         d_a: list[torch.Tensor | None] = [None] * n
         d_b: list[torch.Tensor | None] = [None] * n
@@ -96,37 +89,24 @@ class _LoraGroupFunction(torch.autograd.Function):
             g = fused._rows(grad)
             lora_a, lora_b, scaling = factors_a[i], factors_b[i], scalings[i]
             merged_weight, b_s = kept[2 * i], kept[2 * i + 1]
-            weight = weights[i] if weights[i].dtype == g.dtype else weights[i].to(g.dtype)
-            if stacked:
-                slot = slots[i] if train_a[i] else band
-                w = fused._merge_banded(weight, lora_a, lora_b, scaling, band, slot)
-                dx = g @ w if dx is None else dx.addmm_(g, w)
-            elif need_dx:
+            if need_dx:
                 if merged_weight is None:
+                    weight = weights[i] if weights[i].dtype == g.dtype else weights[i].to(g.dtype)
                     merged_weight, _, b_s = fused._merge(weight, lora_a, lora_b, scaling, transposed)
                 w = merged_weight.t() if transposed else merged_weight
                 dx = g @ w if dx is None else dx.addmm_(g, w)
             u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
-            need_gb = train_a[i] and not stacked
-            if need_gb and b_s is None:
+            if train_a[i] and b_s is None:
                 b_s = (lora_b * scaling).to(g.dtype)
-            gb, d_b[i] = fused._gb_and_db(g, b_s, u_i, need_gb, train_b[i], lora_b.dtype)
+            gb, d_b[i] = fused._gb_and_db(g, b_s, u_i, train_a[i], train_b[i], lora_b.dtype)
             if train_a[i]:
                 gbs.append((i, gb))
-        if stacked and gbs:
-            in_f = x2.shape[1]
-            dx, g_band = dx[:, :in_f], dx[:, in_f:]
-            d_a_all = fused._matmul_as(g_band.t(), x2, factors_a[gbs[0][0]].dtype)
-            for i, _ in gbs:  # slots of siblings without an upstream gradient hold zeros: skipped
-                d_a[i] = d_a_all[slots[i] : slots[i] + factors_a[i].shape[0]]
-        elif gbs:
+        if gbs:
             gb_cat = torch.cat([gb for _, gb in gbs], dim=1) if len(gbs) > 1 else gbs[0][1]
             d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[gbs[0][0]].dtype)
             rows = [gb.shape[1] for _, gb in gbs]
             for (i, _), part in zip(gbs, torch.split(d_a_cat, rows, dim=0), strict=True):
                 d_a[i] = part
-        elif stacked and dx is not None:
-            dx = dx[:, : x2.shape[1]]
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, None, *([None] * (2 * n)), *d_a, *d_b

@@ -26,7 +26,6 @@ except ImportError:  # CPU-only installs: the fused path uses torch.addmm instea
 
 AVAILABLE = False
 merge_lora_weight = None
-merge_lora_weight_banded = None
 lora_grad_pass = None
 
 if triton is not None:
@@ -34,18 +33,14 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(
         w_ptr, left_ptr, right_ptr, out_ptr, left_out_ptr, right_out_ptr,
-        M, N, R, scaling, band_width, slot,
+        M, N, R, scaling,
         s_wm, s_wn, s_lm, s_lk, s_rk, s_rn, s_om, s_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-        BAND: tl.constexpr,
     ):  # fmt: skip
         """out[m, n] = w[m, n] + scaling · Σ_k left[m, k] · right[k, n] (float32 product, one rounding).
 
-        Also writes scaling · left and scaling · right (R×N, contiguous) in out's dtype: the first column
-        of tiles writes its rows of left, the first row of tiles its columns of right. With ``BAND`` = 0,
-        scaling · left goes to ``left_out`` (M×R, contiguous); otherwise out has ``band_width`` more
-        columns after the N of the weight, and scaling · left goes to columns N + slot … N + slot + R − 1
-        of them, zeros to the others (``BAND`` ≥ band_width, a power of two).
+        Also writes scaling · left (M×R) and scaling · right (R×N), contiguous, in out's dtype: the first
+        column of tiles writes its rows of left, the first row of tiles its columns of right.
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -72,26 +67,11 @@ if triton is not None:
             out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, out.to(out_ptr.dtype.element_ty), mask=tile
         )
         if pid_n == 0:
-            if BAND == 0:
-                tl.store(
-                    left_out_ptr + rm[:, None] * R + rk[None, :],
-                    (scaling * left.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                    mask=m_ok[:, None] & k_ok[None, :],
-                )
-            else:
-                rc = tl.arange(0, BAND)
-                k = rc - slot  # column of left shown in band column rc; out of range: a zero
-                in_slot = (k >= 0) & (k < R)
-                shifted = tl.load(
-                    left_ptr + rm[:, None] * s_lm + k[None, :] * s_lk,
-                    mask=m_ok[:, None] & in_slot[None, :],
-                    other=0.0,
-                )
-                tl.store(
-                    out_ptr + rm[:, None] * s_om + (N + rc)[None, :] * s_on,
-                    (scaling * shifted.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                    mask=m_ok[:, None] & (rc < band_width)[None, :],
-                )
+            tl.store(
+                left_out_ptr + rm[:, None] * R + rk[None, :],
+                (scaling * left.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & k_ok[None, :],
+            )
         if pid_m == 0:
             tl.store(
                 right_out_ptr + rk[:, None] * N + rn[None, :],
@@ -157,26 +137,22 @@ if triton is not None:
         right: torch.Tensor,
         scaling: float,
         config: tuple[int, int, int] | None = None,
-        band: int = 0,
-        slot: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Launch the merge kernel; ``config`` = (BLOCK_M, BLOCK_N, warps) overrides the default. With
-        ``band`` > 0, ``out`` is M × (N + band) and holds scaling · left in its band (no ``left_out``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Launch the merge kernel; ``config`` = (BLOCK_M, BLOCK_N, warps) overrides the default."""
         M, N = weight.shape
         R = left.shape[1]
-        out = torch.empty((M, N + band), dtype=weight.dtype, device=weight.device)
-        left_out = None if band else torch.empty((M, R), dtype=weight.dtype, device=weight.device)
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        left_out = torch.empty((M, R), dtype=weight.dtype, device=weight.device)
         right_out = torch.empty((R, N), dtype=weight.dtype, device=weight.device)
         block_r = max(16, triton.next_power_of_2(R))
         # (32, 128, 4): within 12% of the fastest at every shape of benchmarks/rank_r_kernels.py (H100)
         block_m, block_n, warps = config or (32, 128, 4)
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
         kernel[grid](
-            weight, left, right, out, out if left_out is None else left_out, right_out, M, N, R, scaling,
-            band, slot, weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
+            weight, left, right, out, left_out, right_out, M, N, R, scaling,
+            weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
             right.stride(0), right.stride(1), out.stride(0), out.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-            BAND=triton.next_power_of_2(band) if band else 0,
             # tf32 rounds the rank-r product to ~1e-3 of ΔW, far below a bf16/fp16 ulp of W; fp32 weights
             # keep full precision.
             IEEE=weight.dtype == torch.float32, num_warps=warps,
@@ -231,15 +207,6 @@ if triton is not None:
             return _merge_op(weight, left, right, scaling)
         return _launch(_merge_kernel, weight, left, right, scaling)
 
-    def _merge_lora_weight_banded(
-        weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float, band: int, slot: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([weight + s · left @ right | band], s · right)`` in weight's dtype, eager only: the M × (N +
-        band) stack holds s · left in band columns slot … slot + r − 1 and zeros in the others, so one GEMM
-        ``g @ stack`` gives ``g @ merged`` and ``g @ (s · left)`` together (see ``fused._merge_banded``)."""
-        out, _, right_out = _launch(_merge_kernel, weight, left, right, scaling, band=band, slot=slot)
-        return out, right_out
-
     def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
         return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
@@ -262,6 +229,5 @@ if triton is not None:
         return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1]))
 
     merge_lora_weight = _merge_lora_weight
-    merge_lora_weight_banded = _merge_lora_weight_banded
     lora_grad_pass = _lora_grad_pass
     AVAILABLE = True
