@@ -43,7 +43,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
 # too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
 # weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
-# adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False).
+# adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False). Groups
+# merging each sibling's weight with a launch of its own (grouped.ONE_MERGE_LAUNCH off).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -56,6 +57,8 @@ EXTRA_VARIANTS = [
     "lorakit-frozenA-folded",
     "lorakit-ungrouped",
     "lorakit-frozenA-ungrouped",
+    "lorakit-mergeeach",
+    "lorakit-frozenA-mergeeach",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -75,6 +78,8 @@ PEER = {
     "lorakit-frozenA-folded": "peft-bf16-frozenA",
     "lorakit-ungrouped": "peft-bf16",
     "lorakit-frozenA-ungrouped": "peft-bf16-frozenA",
+    "lorakit-mergeeach": "peft-bf16",
+    "lorakit-frozenA-mergeeach": "peft-bf16-frozenA",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -85,6 +90,8 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-folded": 0.97,
     "lorakit-ungrouped": 0.95,
     "lorakit-frozenA-ungrouped": 0.97,
+    "lorakit-mergeeach": 0.95,
+    "lorakit-frozenA-mergeeach": 0.97,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -94,6 +101,7 @@ PROFILED = (
     "lorakit-savemerged",
     "lorakit-eagergrad",
     "lorakit-folded",
+    "lorakit-mergeeach",
 )
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -433,6 +441,7 @@ def measure(
     torch._dynamo.reset()
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
+    grouped.ONE_MERGE_LAUNCH = not variant.endswith("-mergeeach")
     fused.FOLDED_GEMM = variant.endswith("-folded")
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)

@@ -228,3 +228,66 @@ def test_fused_function_with_the_folded_gemm_matches_float64_under_the_interpret
     """``strategy="folded"`` end to end: outputs and gradients of x, A, B against the float64 reference for
     train = AB / A / B, Linear and Conv1D layouts, with and without bias; frozen factors get no gradient."""
     _interpret(FOLDED_FUNCTION_CHECK)
+
+
+GROUP_MERGE_CHECK = textwrap.dedent(
+    """
+    import torch
+    from lorakit.adapters import fused, grouped
+    from lorakit.adapters import triton_lora as tk
+
+    assert tk.AVAILABLE
+    torch.manual_seed(0)
+    # one launch for siblings of different heights and ranks equals one merge kernel per sibling
+    rows, ranks, n_cols = (70, 33, 129), (8, 4, 16), 100
+    ws = [torch.randn(m, n_cols).half() for m in rows]
+    lefts = [torch.randn(m, r) for m, r in zip(rows, ranks)]
+    rights = [torch.randn(r, n_cols) for r in ranks]
+    merged, a_rows, b_scaled = tk.merge_lora_weights(ws, lefts, rights, [0.5, 2.0, 1.5], True)
+    start = 0
+    for k, s in enumerate((0.5, 2.0, 1.5)):
+        one, left_s, right_s = tk.merge_lora_weight(ws[k], lefts[k], rights[k], s)
+        assert torch.equal(merged[k], one) and torch.equal(b_scaled[k], left_s), k
+        assert torch.equal(a_rows[start : start + ranks[k]], right_s), k
+        start += ranks[k]
+    assert tk.merge_lora_weights(ws, lefts, rights, [0.5, 2.0, 1.5], False)[2] is None
+    assert len(tk._GROUP_TABLES) == 1  # the second call found its tables
+
+    # the grouped Function on the kernel (fp16, every sibling mix of trainable factors) against float64
+    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS
+    launches = []
+    real = tk.merge_lora_weights
+    tk.merge_lora_weights = lambda *args: launches.append(1) or real(*args)
+    worst = 0.0
+    for train_a, train_b in (((1, 1, 1), (1, 1, 1)), ((1, 0, 1), (0, 1, 1)), ((0, 0, 0), (1, 1, 1))):
+        x = torch.randn(4, 6, n_cols)
+        grads = [torch.randn(4, 6, m) for m in rows]
+        outs = []
+        for group, dtype in ((True, torch.float16), (False, torch.float64)):
+            xs = x.to(dtype).requires_grad_(True)
+            factor = torch.float64 if dtype == torch.float64 else torch.float32
+            a_ = [(r / n_cols**0.5).to(factor).requires_grad_(bool(t)) for r, t in zip(rights, train_a)]
+            b_ = [(l * 0.1).to(factor).requires_grad_(bool(t)) for l, t in zip(lefts, train_b)]
+            w_ = [w.to(dtype) for w in ws]
+            if group:
+                ys = grouped.lora_linear_group(xs, w_, [None] * 3, a_, b_, [0.5, 2.0, 1.5])
+            else:
+                args = zip(w_, [None] * 3, a_, b_, [0.5, 2.0, 1.5])
+                ys = [fused.reference_lora_linear(xs, *one) for one in args]
+            torch.autograd.backward(ys, [g.to(dtype) for g in grads])
+            outs.append([*ys, xs.grad, *(t.grad for t in a_ + b_)])
+        for got, want in zip(*outs):
+            assert (got is None) == (want is None)
+            if want is not None:
+                worst = max(worst, float((got.double() - want.detach()).norm() / want.detach().norm()))
+    print(worst, len(launches))
+    assert len(launches) == 6, launches  # forward and backward, once per group call
+    assert worst < 1e-2, worst
+    """
+)
+
+
+def test_group_merge_kernel_and_grouped_function_under_the_interpreter() -> None:
+    """One merge launch for a sibling group: equal to a launch per sibling, and the grouped Function on it
+    (mixes of trainable factors) against float64."""
+    _interpret(GROUP_MERGE_CHECK)

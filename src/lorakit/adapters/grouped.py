@@ -29,10 +29,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import fused
+from lorakit.adapters import fused, triton_lora
 from lorakit.adapters.layers import LoraConv1D, LoraLinear
 
 logger = logging.getLogger(__name__)
+
+
+#: Merge a group's weights with one Triton launch (eager, CUDA); False: one launch per sibling.
+ONE_MERGE_LAUNCH = True
 
 
 class _LoraGroupFunction(torch.autograd.Function):
@@ -52,19 +56,27 @@ class _LoraGroupFunction(torch.autograd.Function):
         weights, biases, factors_a, factors_b = (tensors[i * n : (i + 1) * n] for i in range(4))
         dtype = x.dtype
         x2 = fused._rows(x)
-        outputs, scaled_a, kept = [], [], []
-        for weight, bias, lora_a, lora_b, scaling in zip(
-            weights, biases, factors_a, factors_b, scalings, strict=True
-        ):
-            weight = weight if weight.dtype == dtype else weight.to(dtype)
+        keep = save_merged_weight and need_dx
+        merged, a_rows, b_scaled = _merge_siblings(
+            weights, factors_a, factors_b, scalings, transposed, dtype, keep
+        )
+        outputs, kept = [], []
+        for k, bias in enumerate(biases):
             bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-            merged_weight, a_s, b_s = fused._merge(weight, lora_a, lora_b, scaling, transposed)
-            outputs.append(fused._as_output(fused._base(x2, merged_weight, bias, transposed), x))
-            scaled_a.append(a_s)
-            kept += (merged_weight, b_s) if save_merged_weight and need_dx else (None, None)
+            outputs.append(fused._as_output(fused._base(x2, merged[k], bias, transposed), x))
+            kept += (merged[k], b_scaled[k]) if keep else (None, None)
         u = None  # [u_i for siblings whose B trains], T × Σr: one pass over x
         if any(train_b):
-            u = x2 @ torch.cat([a_s for a_s, trains in zip(scaled_a, train_b, strict=True) if trains]).t()
+            if not all(train_b):
+                starts = [sum(a.shape[0] for a in factors_a[:k]) for k in range(n)]
+                a_rows = torch.cat(
+                    [
+                        a_rows[s : s + a.shape[0]]
+                        for s, a, t in zip(starts, factors_a, train_b, strict=True)
+                        if t
+                    ]
+                )
+            u = x2 @ a_rows.t()
         ctx.save_for_backward(x2 if any(train_a) else None, u, *weights, *factors_a, *factors_b, *kept)
         ctx.flags = flags
         ctx.x_shape = x.shape
@@ -83,16 +95,19 @@ class _LoraGroupFunction(torch.autograd.Function):
         d_a: list[torch.Tensor | None] = [None] * n
         d_b: list[torch.Tensor | None] = [None] * n
         gbs = []  # (sibling, G_i s_i B_i) for siblings whose A trains
+        if need_dx and kept[0] is None:
+            dtype = next(g for g in grads if g is not None).dtype
+            merged, _, b_scaled = _merge_siblings(
+                weights, factors_a, factors_b, scalings, transposed, dtype, True
+            )
+            kept = [t for pair in zip(merged, b_scaled, strict=True) for t in pair]
         for i, grad in enumerate(grads):
             if grad is None:
                 continue
             g = fused._rows(grad)
-            lora_a, lora_b, scaling = factors_a[i], factors_b[i], scalings[i]
+            lora_b, scaling = factors_b[i], scalings[i]
             merged_weight, b_s = kept[2 * i], kept[2 * i + 1]
             if need_dx:
-                if merged_weight is None:
-                    weight = weights[i] if weights[i].dtype == g.dtype else weights[i].to(g.dtype)
-                    merged_weight, _, b_s = fused._merge(weight, lora_a, lora_b, scaling, transposed)
                 w = merged_weight.t() if transposed else merged_weight
                 dx = g @ w if dx is None else dx.addmm_(g, w)
             u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
@@ -110,6 +125,42 @@ class _LoraGroupFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, None, *([None] * (2 * n)), *d_a, *d_b
+
+
+def _merge_siblings(
+    weights: Sequence[torch.Tensor],
+    factors_a: Sequence[torch.Tensor],
+    factors_b: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    transposed: bool,
+    dtype: torch.dtype,
+    scaled_b: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """Every sibling's ``W_i = W0_i + s_i B_i A_i`` in ``dtype``, all ``s_i A_i`` stacked (Σr × in), and
+    ``s_i B_i`` per sibling (or Nones unless ``scaled_b``).
+
+    In eager on CUDA, with contiguous ``nn.Linear`` weights and factors, one Triton launch for the whole
+    group (:func:`lorakit.adapters.triton_lora.merge_lora_weights`); else one :func:`fused._merge` each.
+    """
+    weights = [w if w.dtype == dtype else w.to(dtype) for w in weights]
+    if (
+        ONE_MERGE_LAUNCH
+        and not transposed
+        and fused._use_triton("merge", weights[0])
+        and not torch.compiler.is_compiling()
+        and len({f.dtype for f in (*factors_a, *factors_b)}) == 1
+        and all(t.is_contiguous() for t in (*weights, *factors_a, *factors_b))
+    ):
+        return triton_lora.merge_lora_weights(
+            weights, list(factors_b), list(factors_a), list(scalings), scaled_b
+        )
+    merged, a_rows, b_rows = [], [], []
+    for weight, lora_a, lora_b, scaling in zip(weights, factors_a, factors_b, scalings, strict=True):
+        merged_weight, a_s, b_s = fused._merge(weight, lora_a, lora_b, scaling, transposed)
+        merged.append(merged_weight)
+        a_rows.append(a_s)
+        b_rows.append(b_s if scaled_b else None)
+    return merged, torch.cat(a_rows), b_rows
 
 
 def _split_columns(t: torch.Tensor | None, widths: list[int]) -> tuple[torch.Tensor, ...]:

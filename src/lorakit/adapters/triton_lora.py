@@ -5,6 +5,7 @@
   cuBLAS runs that rank-r ``addmm`` at about 40% of memory bandwidth and needs the factors cast to bf16
   first (extra launches); this kernel reads ``W0`` once, the float32 masters ``A``/``B`` directly (the
   product is formed in float32, then added and rounded once), and writes ``W`` once.
+  :func:`merge_lora_weights` does it for a group of siblings in one launch.
 * :func:`lora_grad_pass`: the backward's ``G = dY · sB`` and ``dB = dYᵀ · u`` from one read of ``dY``
   (cuBLAS reads it once per GEMM).
 
@@ -26,6 +27,7 @@ except ImportError:  # CPU-only installs: the fused path uses torch.addmm instea
 
 AVAILABLE = False
 merge_lora_weight = None
+merge_lora_weights = None
 lora_grad_pass = None
 
 if triton is not None:
@@ -76,6 +78,68 @@ if triton is not None:
             tl.store(
                 right_out_ptr + rk[:, None] * N + rn[None, :],
                 (scaling * right.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                mask=k_ok[:, None] & n_ok[None, :],
+            )
+
+    @triton.jit
+    def _group_merge_kernel(
+        table, meta, scalings, out_ptr, a_out_ptr, b_out_ptr, factor_like, N,
+        NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        IEEE: tl.constexpr, WRITE_B: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_merge_kernel` for ``NUM`` weights of one width N in one launch (contiguous operands).
+
+        ``table`` holds the addresses (W0_k, B_k, A_k) of member k, ``meta`` its (M_k, R_k, first row tile,
+        first output row, first row of A in ``a_out``, first element of B in ``b_out``). Row tile ``pid``
+        belongs to the last member whose first row tile is ≤ pid. Writes ``out`` rows (ΣM × N), s·A rows
+        (ΣR × N) and, with ``WRITE_B``, s·B (M_k × R_k each, one after another).
+        """
+        pid = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        k = 0
+        for j in tl.static_range(1, NUM):
+            k += (pid >= tl.load(meta + j * 6 + 2)).to(tl.int32)
+        M = tl.load(meta + k * 6)
+        R = tl.load(meta + k * 6 + 1)
+        tile0 = tl.load(meta + k * 6 + 2)
+        row0 = tl.load(meta + k * 6 + 3)
+        a_row0 = tl.load(meta + k * 6 + 4)
+        b0 = tl.load(meta + k * 6 + 5)
+        scaling = tl.load(scalings + k)
+        w_ptr = tl.load(table + k * 3).to(tl.pointer_type(out_ptr.dtype.element_ty))
+        left_ptr = tl.load(table + k * 3 + 1).to(tl.pointer_type(factor_like.dtype.element_ty))
+        right_ptr = tl.load(table + k * 3 + 2).to(tl.pointer_type(factor_like.dtype.element_ty))
+        rm = (pid - tile0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_ok = rk < R
+        left = tl.load(
+            left_ptr + rm[:, None] * R + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        right = tl.load(
+            right_ptr + rk[:, None] * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        if IEEE:
+            delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
+        else:
+            delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="tf32")
+        tile = m_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + rm[:, None] * N + rn[None, :], mask=tile, other=0.0)
+        out = w.to(tl.float32) + scaling * delta
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + (row0 + rm)[:, None] * N + rn[None, :], out.to(dtype), mask=tile)
+        if WRITE_B and pid_n == 0:
+            tl.store(
+                b_out_ptr + b0 + rm[:, None] * R + rk[None, :],
+                (scaling * left.to(tl.float32)).to(dtype),
+                mask=m_ok[:, None] & k_ok[None, :],
+            )
+        if pid == tile0:
+            tl.store(
+                a_out_ptr + (a_row0 + rk)[:, None] * N + rn[None, :],
+                (scaling * right.to(tl.float32)).to(dtype),
                 mask=k_ok[:, None] & n_ok[None, :],
             )
 
@@ -207,6 +271,79 @@ if triton is not None:
             return _merge_op(weight, left, right, scaling)
         return _launch(_merge_kernel, weight, left, right, scaling)
 
+    _GROUP_TABLES: dict[tuple, tuple] = {}  # addresses, shapes, scalings -> the kernel's device tables
+
+    def _group_tables(weights, lefts, rights, scalings, block_m: int) -> tuple:
+        """(table, meta, scalings, row tiles, rows, rows of A, elements of B) on the weights' device, built
+        once per distinct content: the key holds every address, so a cached entry is never stale."""
+        key = (
+            tuple(t.data_ptr() for trio in zip(weights, lefts, rights, strict=True) for t in trio),
+            tuple(w.shape[0] for w in weights),
+            tuple(f.shape[1] for f in lefts),
+            tuple(scalings),
+        )
+        found = _GROUP_TABLES.get(key)
+        if found is not None:
+            return found
+        meta, tiles, rows, a_rows, b_size = [], 0, 0, 0, 0
+        for m, r in zip(key[1], key[2], strict=True):
+            meta += [m, r, tiles, rows, a_rows, b_size]
+            tiles, rows, a_rows, b_size = (
+                tiles + triton.cdiv(m, block_m),
+                rows + m,
+                a_rows + r,
+                b_size + m * r,
+            )
+        device = weights[0].device
+        found = (
+            torch.tensor(key[0], dtype=torch.int64, device=device),
+            torch.tensor(meta, dtype=torch.int32, device=device),
+            torch.tensor(key[3], dtype=torch.float32, device=device),
+            tiles,
+            rows,
+            a_rows,
+            b_size,
+        )
+        if len(_GROUP_TABLES) >= 4096:  # a model rebuilt many times over: start over
+            _GROUP_TABLES.clear()
+        _GROUP_TABLES[key] = found
+        return found
+
+    def _merge_lora_weights(
+        weights: list[torch.Tensor],
+        lefts: list[torch.Tensor],
+        rights: list[torch.Tensor],
+        scalings: list[float],
+        write_left: bool,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
+        """:func:`merge_lora_weight` for n weights of one width N, in one launch (eager only).
+
+        weights (M_k, N), lefts (M_k, r_k) and rights (r_k, N), each contiguous, the weights in one dtype
+        and the factors in another. Returns the merged weights (views into one (ΣM, N) tensor), s·right of
+        every member stacked (Σr, N), and s·left per member if ``write_left``, all in the weights' dtype.
+        One launch in place of n: eager LoRA steps are bound by host time, and each launch costs some.
+        """
+        block_m, block_n, warps = 32, 128, 4  # as _launch
+        table, meta, scales, tiles, rows, a_rows, b_size = _group_tables(
+            weights, lefts, rights, scalings, block_m
+        )
+        w0 = weights[0]
+        n_cols = w0.shape[1]
+        out = torch.empty((rows, n_cols), dtype=w0.dtype, device=w0.device)
+        a_out = torch.empty((a_rows, n_cols), dtype=w0.dtype, device=w0.device)
+        b_out = torch.empty((b_size,), dtype=w0.dtype, device=w0.device) if write_left else out
+        _group_merge_kernel[(tiles, triton.cdiv(n_cols, block_n))](
+            table, meta, scales, out, a_out, b_out, lefts[0], n_cols,
+            NUM=len(weights), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_R=max(16, triton.next_power_of_2(max(f.shape[1] for f in lefts))),
+            IEEE=w0.dtype == torch.float32, WRITE_B=write_left, num_warps=warps,
+        )  # fmt: skip
+        merged = list(out.split([w.shape[0] for w in weights]))
+        if not write_left:
+            return merged, a_out, None
+        parts = b_out.split([f.numel() for f in lefts])
+        return merged, a_out, [p.view(f.shape) for p, f in zip(parts, lefts, strict=True)]
+
     def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
         return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
@@ -229,5 +366,6 @@ if triton is not None:
         return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1]))
 
     merge_lora_weight = _merge_lora_weight
+    merge_lora_weights = _merge_lora_weights
     lora_grad_pass = _lora_grad_pass
     AVAILABLE = True
