@@ -44,7 +44,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
 # weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
 # adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False). Groups
-# merging each sibling's weight with a launch of its own (grouped.ONE_MERGE_LAUNCH off).
+# merging each sibling's weight with a launch of its own, lone layers with the per-weight launch
+# (fused.ONE_LAUNCH_MERGE off).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -441,7 +442,7 @@ def measure(
     torch._dynamo.reset()
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
-    grouped.ONE_MERGE_LAUNCH = not variant.endswith("-mergeeach")
+    fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
     fused.FOLDED_GEMM = variant.endswith("-folded")
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)

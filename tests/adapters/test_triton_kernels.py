@@ -102,7 +102,7 @@ FUNCTION_CHECK = FUSED_VS_FLOAT64 + textwrap.dedent(
     from lorakit.adapters import triton_lora as tk
 
     assert tk.AVAILABLE
-    calls = {"merge": 0, "grad": 0}
+    calls = {"merge": 0, "table merge": 0, "grad": 0}
 
     def counted(name, kernel):
         def run(*args):
@@ -111,12 +111,17 @@ FUNCTION_CHECK = FUSED_VS_FLOAT64 + textwrap.dedent(
         return run
 
     tk.merge_lora_weight = counted("merge", tk.merge_lora_weight)
+    tk.merge_lora_weights = counted("table merge", tk.merge_lora_weights)
     tk.lora_grad_pass = counted("grad", tk.lora_grad_pass)
     fused.GRAD_PASS_IN_EAGER = True
     torch.manual_seed(0)
     worst = max(fused_vs_float64("merged", transposed) for transposed in (False, True))
     print(worst, calls)
-    assert calls == {"merge": 4, "grad": 2}, calls  # forward + backward merge, one G/dB pass, per case
+    # forward + backward merge (Linear: the table launch; Conv1D: the per-weight one), one G/dB pass, per case
+    assert calls == {"merge": 2, "table merge": 2, "grad": 2}, calls
+    fused.ONE_LAUNCH_MERGE = False  # the per-weight launch for Linear too
+    worst = max(worst, fused_vs_float64("merged", False))
+    assert calls == {"merge": 4, "table merge": 2, "grad": 3}, calls
     assert worst < 1e-2, worst
     """
 )

@@ -35,10 +35,6 @@ from lorakit.adapters.layers import LoraConv1D, LoraLinear
 logger = logging.getLogger(__name__)
 
 
-#: Merge a group's weights with one Triton launch (eager, CUDA); False: one launch per sibling.
-ONE_MERGE_LAUNCH = True
-
-
 class _LoraGroupFunction(torch.autograd.Function):
     """Forward/backward of n sibling LoRA linears on one input; see the module docstring.
 
@@ -143,13 +139,8 @@ def _merge_siblings(
     group (:func:`lorakit.adapters.triton_lora.merge_lora_weights`); else one :func:`fused._merge` each.
     """
     weights = [w if w.dtype == dtype else w.to(dtype) for w in weights]
-    if (
-        ONE_MERGE_LAUNCH
-        and not transposed
-        and fused._use_triton("merge", weights[0])
-        and not torch.compiler.is_compiling()
-        and len({f.dtype for f in (*factors_a, *factors_b)}) == 1
-        and all(t.is_contiguous() for t in (*weights, *factors_a, *factors_b))
+    if fused._use_triton("merge", weights[0]) and fused._one_launch_applies(
+        transposed, (*weights, *factors_a, *factors_b)
     ):
         return triton_lora.merge_lora_weights(
             weights, list(factors_b), list(factors_a), list(scalings), scaled_b

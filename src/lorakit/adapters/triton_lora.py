@@ -338,6 +338,8 @@ if triton is not None:
             BLOCK_R=max(16, triton.next_power_of_2(max(f.shape[1] for f in lefts))),
             IEEE=w0.dtype == torch.float32, WRITE_B=write_left, num_warps=warps,
         )  # fmt: skip
+        if len(weights) == 1:  # no views to cut: each costs host time
+            return [out], a_out, [b_out.view(lefts[0].shape)] if write_left else None
         merged = list(out.split([w.shape[0] for w in weights]))
         if not write_left:
             return merged, a_out, None
