@@ -165,16 +165,20 @@ def _merge(
 
 
 def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Whether :func:`triton_lora.merge_lora_weights` takes these: ``nn.Linear`` layout, contiguous, factors
-    of one dtype, in eager (``tensors`` = weights, then the factors). Its launch passes a few addresses of a
-    cached device table instead of each tensor and stride, and costs less host time: on an H100 host one
-    launch per sibling group instead of one per sibling made the eager step 7–8% faster
-    (benchmarks/RESULTS.md, "One merge launch")."""
+    """Whether :func:`triton_lora.merge_lora_weights` takes these: ``nn.Linear`` layout, contiguous
+    parameters, factors of one dtype, in eager (``tensors`` = weights, then the factors).
+
+    Its launch passes a device table of the tensors' addresses instead of each tensor and stride, and costs
+    less host time: on H100 hosts one launch per sibling group instead of one per sibling made the eager
+    step 4–8% faster (benchmarks/RESULTS.md, "One merge launch per sibling group"). The table is built once
+    per set of addresses (a blocking copy), so only parameters qualify: their storage stays put from step
+    to step, where a weight cast per call would get a new address, and a new table, every time.
+    """
     return (
         ONE_LAUNCH_MERGE
         and not transposed
         and not torch.compiler.is_compiling()
-        and all(t.is_contiguous() for t in tensors)
+        and all(isinstance(t, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
     )
 

@@ -281,6 +281,7 @@ if triton is not None:
             tuple(w.shape[0] for w in weights),
             tuple(f.shape[1] for f in lefts),
             tuple(scalings),
+            weights[0].device,
         )
         found = _GROUP_TABLES.get(key)
         if found is not None:
@@ -294,7 +295,7 @@ if triton is not None:
                 a_rows + r,
                 b_size + m * r,
             )
-        device = weights[0].device
+        device = key[4]
         found = (
             torch.tensor(key[0], dtype=torch.int64, device=device),
             torch.tensor(meta, dtype=torch.int32, device=device),
