@@ -291,6 +291,31 @@ GROUP_MERGE_CHECK = textwrap.dedent(
     print(worst, len(launches))
     assert len(launches) == 6, launches  # forward and backward, once per group call
     assert worst < 1e-2, worst
+
+    # in a model: q/k/v read one input (one launch for the three), o reads another (a launch of its own)
+    import lorakit
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
+
+    torch.manual_seed(0)
+    model = Attention()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q", "k", "v", "o"]))
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B.normal_()
+    sizes = []
+    tk.merge_lora_weights = lambda *args: sizes.append(len(args[0])) or real(*args)
+    x = torch.randn(2, 64, 32, requires_grad=True)  # 128 tokens: the merged strategy applies
+    for _ in range(3):
+        model(x).square().sum().backward()
+    assert sizes == [1] * 8 + [3, 1, 1, 3] * 2, sizes  # the first forward probes, each layer alone
     """
 )
 
