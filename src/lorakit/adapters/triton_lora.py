@@ -277,6 +277,7 @@ if triton is not None:
         """(table, meta, scalings, row tiles, rows, rows of A, elements of B) on the weights' device, built
         once per distinct content: the key holds every address, so a cached entry is never stale."""
         key = (
+            block_m,
             tuple(t.data_ptr() for trio in zip(weights, lefts, rights, strict=True) for t in trio),
             tuple(w.shape[0] for w in weights),
             tuple(f.shape[1] for f in lefts),
@@ -287,7 +288,7 @@ if triton is not None:
         if found is not None:
             return found
         meta, tiles, rows, a_rows, b_size = [], 0, 0, 0, 0
-        for m, r in zip(key[1], key[2], strict=True):
+        for m, r in zip(key[2], key[3], strict=True):
             meta += [m, r, tiles, rows, a_rows, b_size]
             tiles, rows, a_rows, b_size = (
                 tiles + triton.cdiv(m, block_m),
@@ -295,11 +296,11 @@ if triton is not None:
                 a_rows + r,
                 b_size + m * r,
             )
-        device = key[4]
+        device = key[5]
         found = (
-            torch.tensor(key[0], dtype=torch.int64, device=device),
+            torch.tensor(key[1], dtype=torch.int64, device=device),
             torch.tensor(meta, dtype=torch.int32, device=device),
-            torch.tensor(key[3], dtype=torch.float32, device=device),
+            torch.tensor(key[4], dtype=torch.float32, device=device),
             tiles,
             rows,
             a_rows,
@@ -316,6 +317,7 @@ if triton is not None:
         rights: list[torch.Tensor],
         scalings: list[float],
         write_left: bool,
+        config: tuple[int, int, int] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
         """:func:`merge_lora_weight` for n weights of one width N, in one launch (eager only).
 
@@ -324,7 +326,7 @@ if triton is not None:
         every member stacked (Σr, N), and s·left per member if ``write_left``, all in the weights' dtype.
         One launch in place of n: eager LoRA steps are bound by host time, and each launch costs some.
         """
-        block_m, block_n, warps = 32, 128, 4  # as _launch
+        block_m, block_n, warps = config or (32, 128, 4)  # as _launch; config = (BLOCK_M, BLOCK_N, warps)
         table, meta, scales, tiles, rows, a_rows, b_size = _group_tables(
             weights, lefts, rights, scalings, block_m
         )
