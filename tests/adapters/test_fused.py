@@ -360,3 +360,5 @@ def test_one_launch_merge_takes_only_contiguous_parameters_in_linear_layout():
     strided = torch.nn.Parameter(torch.randn(3, 4).t(), requires_grad=False)
     assert not fused._one_launch_applies(False, (strided, a, b))
     assert not fused._one_launch_applies(False, (w, a, torch.nn.Parameter(b.double())))  # two factor dtypes
+    shifted = torch.nn.Parameter(torch.randn(13)[1:].view(4, 3), requires_grad=False)  # 4 bytes past 16
+    assert not fused._one_launch_applies(False, (shifted, a, b))

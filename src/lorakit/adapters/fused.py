@@ -166,7 +166,8 @@ def _merge(
 
 def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether :func:`triton_lora.merge_lora_weights` takes these: ``nn.Linear`` layout, contiguous
-    parameters, factors of one dtype, in eager (``tensors`` = weights, then the factors).
+    parameters at 16-byte aligned addresses (the kernel is compiled for that), factors of one dtype, in
+    eager (``tensors`` = weights, then the factors).
 
     Its launch passes a device table of the tensors' addresses instead of each tensor and stride, and costs
     less host time: on H100 hosts one launch per sibling group instead of one per sibling made the eager
@@ -178,7 +179,10 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
         ONE_LAUNCH_MERGE
         and not transposed
         and not torch.compiler.is_compiling()
-        and all(isinstance(t, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
+        and all(
+            isinstance(t, torch.nn.Parameter) and t.is_contiguous() and t.data_ptr() % 16 == 0
+            for t in tensors
+        )
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
     )
 

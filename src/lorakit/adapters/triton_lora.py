@@ -106,9 +106,12 @@ if triton is not None:
         a_row0 = tl.load(meta + k * 6 + 4)
         b0 = tl.load(meta + k * 6 + 5)
         scaling = tl.load(scalings + k)
-        w_ptr = tl.load(table + k * 3).to(tl.pointer_type(out_ptr.dtype.element_ty))
-        left_ptr = tl.load(table + k * 3 + 1).to(tl.pointer_type(factor_like.dtype.element_ty))
-        right_ptr = tl.load(table + k * 3 + 2).to(tl.pointer_type(factor_like.dtype.element_ty))
+        # Addresses read from memory carry no alignment the compiler can see; without the hint, loads and
+        # stores are not vectorised (torch allocations start 16-byte aligned; the caller checks each).
+        w_ptr = tl.multiple_of(tl.load(table + k * 3).to(tl.pointer_type(out_ptr.dtype.element_ty)), 16)
+        factor = tl.pointer_type(factor_like.dtype.element_ty)
+        left_ptr = tl.multiple_of(tl.load(table + k * 3 + 1).to(factor), 16)
+        right_ptr = tl.multiple_of(tl.load(table + k * 3 + 2).to(factor), 16)
         rm = (pid - tile0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_R)
