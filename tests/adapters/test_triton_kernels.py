@@ -304,18 +304,19 @@ GROUP_MERGE_CHECK = textwrap.dedent(
         def forward(self, x):
             return self.o(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
 
-    torch.manual_seed(0)
-    model = Attention()
-    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q", "k", "v", "o"]))
-    with torch.no_grad():
-        for _, layer in lorakit.lora_layers(model):
-            layer.lora_B.normal_()
-    sizes = []
-    tk.merge_lora_weights = lambda *args: sizes.append(len(args[0])) or real(*args)
-    x = torch.randn(2, 64, 32, requires_grad=True)  # 128 tokens: the merged strategy applies
-    for _ in range(3):
-        model(x).square().sum().backward()
-    assert sizes == [1] * 8 + [3, 1, 1, 3] * 2, sizes  # the first forward probes, each layer alone
+    for train in ("AB", "B"):  # with train="B", A is a frozen buffer
+        torch.manual_seed(0)
+        model = Attention()
+        lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q", "k", "v", "o"], train=train))
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(model):
+                layer.lora_B.normal_()
+        sizes = []
+        tk.merge_lora_weights = lambda *args: sizes.append(len(args[0])) or real(*args)
+        x = torch.randn(2, 64, 32, requires_grad=True)  # 128 tokens: the merged strategy applies
+        for _ in range(3):
+            model(x).square().sum().backward()
+        assert sizes == [1] * 8 + [3, 1, 1, 3] * 2, (train, sizes)  # the first forward probes: one by one
     """
 )
 

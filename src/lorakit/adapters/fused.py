@@ -165,24 +165,21 @@ def _merge(
 
 
 def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Whether :func:`triton_lora.merge_lora_weights` takes these: ``nn.Linear`` layout, contiguous
-    parameters at 16-byte aligned addresses (the kernel is compiled for that), factors of one dtype, in
-    eager (``tensors`` = weights, then the factors).
+    """Whether :func:`triton_lora.merge_lora_weights` takes these: ``nn.Linear`` layout, contiguous, at
+    16-byte aligned addresses (the kernel is compiled for that), factors of one dtype, in eager
+    (``tensors`` = weights, then the factors).
 
     Its launch passes a device table of the tensors' addresses instead of each tensor and stride, and costs
     less host time: on H100 hosts one launch per sibling group instead of one per sibling made the eager
-    step 4–8% faster (benchmarks/RESULTS.md, "One merge launch per sibling group"). The table is built once
-    per set of addresses (a blocking copy), so only parameters qualify: their storage stays put from step
-    to step, where a weight cast per call would get a new address, and a new table, every time.
+    step 4–8% faster where the step waits on the host (benchmarks/RESULTS.md, "One merge launch per
+    sibling group"). A layer's weights and factors keep their storage from step to step, so each table is
+    built once.
     """
     return (
         ONE_LAUNCH_MERGE
         and not transposed
         and not torch.compiler.is_compiling()
-        and all(
-            isinstance(t, torch.nn.Parameter) and t.is_contiguous() and t.data_ptr() % 16 == 0
-            for t in tensors
-        )
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
     )
 

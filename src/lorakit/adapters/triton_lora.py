@@ -276,9 +276,17 @@ if triton is not None:
 
     _GROUP_TABLES: dict[tuple, tuple] = {}  # addresses, shapes, scalings -> the kernel's device tables
 
+    def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``values`` as a tensor on ``device``; on CUDA through pinned memory, so the host does not wait."""
+        host = torch.tensor(values, dtype=dtype)
+        if device.type != "cuda":
+            return host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
+
     def _group_tables(weights, lefts, rights, scalings, block_m: int) -> tuple:
         """(table, meta, scalings, row tiles, rows, rows of A, elements of B) on the weights' device, built
-        once per distinct content: the key holds every address, so a cached entry is never stale."""
+        once per distinct content: the key holds every address, so a cached entry is never stale (a tensor
+        at a freed tensor's address and shape gets the same table it would get built)."""
         key = (
             block_m,
             tuple(t.data_ptr() for trio in zip(weights, lefts, rights, strict=True) for t in trio),
@@ -301,9 +309,9 @@ if triton is not None:
             )
         device = key[5]
         found = (
-            torch.tensor(key[1], dtype=torch.int64, device=device),
-            torch.tensor(meta, dtype=torch.int32, device=device),
-            torch.tensor(key[4], dtype=torch.float32, device=device),
+            _upload(key[1], torch.int64, device),
+            _upload(meta, torch.int32, device),
+            _upload(key[4], torch.float32, device),
             tiles,
             rows,
             a_rows,
