@@ -33,6 +33,39 @@ lora_grad_pass = None
 if triton is not None:
 
     @triton.jit
+    def _merged_tile(
+        w_ptr, left_ptr, right_ptr, rm, rn, M, N, R, scaling,
+        s_wm, s_wn, s_lm, s_lk, s_rk, s_rn,
+        BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Rows ``rm`` × columns ``rn`` of w + scaling · left @ right (float32 product, not yet rounded);
+        scaling · left (rm × R) and scaling · right (R × rn) in float32; the masks of these three tiles."""
+        rk = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_ok = rk < R
+        left_mask = m_ok[:, None] & k_ok[None, :]
+        right_mask = k_ok[:, None] & n_ok[None, :]
+        left = tl.load(left_ptr + rm[:, None] * s_lm + rk[None, :] * s_lk, mask=left_mask, other=0.0)
+        right = tl.load(right_ptr + rk[:, None] * s_rk + rn[None, :] * s_rn, mask=right_mask, other=0.0)
+        left = left.to(tl.float32)
+        right = right.to(tl.float32)
+        if IEEE:
+            delta = tl.dot(left, right, input_precision="ieee")
+        else:
+            delta = tl.dot(left, right, input_precision="tf32")
+        tile = m_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=tile, other=0.0)
+        return (
+            w.to(tl.float32) + scaling * delta,
+            scaling * left,
+            scaling * right,
+            tile,
+            left_mask,
+            right_mask,
+        )
+
+    @triton.jit
     def _merge_kernel(
         w_ptr, left_ptr, right_ptr, out_ptr, left_out_ptr, right_out_ptr,
         M, N, R, scaling,
@@ -49,37 +82,16 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_R)
-        m_ok = rm < M
-        n_ok = rn < N
-        k_ok = rk < R
-        left = tl.load(
-            left_ptr + rm[:, None] * s_lm + rk[None, :] * s_lk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        right = tl.load(
-            right_ptr + rk[:, None] * s_rk + rn[None, :] * s_rn, mask=k_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        if IEEE:
-            delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
-        else:
-            delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="tf32")
-        tile = m_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_ptr + rm[:, None] * s_wm + rn[None, :] * s_wn, mask=tile, other=0.0)
-        out = w.to(tl.float32) + scaling * delta
-        tl.store(
-            out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, out.to(out_ptr.dtype.element_ty), mask=tile
-        )
+        out, left_s, right_s, tile, left_mask, right_mask = _merged_tile(
+            w_ptr, left_ptr, right_ptr, rm, rn, M, N, R, scaling,
+            s_wm, s_wn, s_lm, s_lk, s_rk, s_rn, BLOCK_R, IEEE,
+        )  # fmt: skip
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on, out.to(dtype), mask=tile)
         if pid_n == 0:
-            tl.store(
-                left_out_ptr + rm[:, None] * R + rk[None, :],
-                (scaling * left.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                mask=m_ok[:, None] & k_ok[None, :],
-            )
+            tl.store(left_out_ptr + rm[:, None] * R + rk[None, :], left_s.to(dtype), mask=left_mask)
         if pid_m == 0:
-            tl.store(
-                right_out_ptr + rk[:, None] * N + rn[None, :],
-                (scaling * right.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                mask=k_ok[:, None] & n_ok[None, :],
-            )
+            tl.store(right_out_ptr + rk[:, None] * N + rn[None, :], right_s.to(dtype), mask=right_mask)
 
     @triton.jit
     def _group_merge_kernel(
@@ -105,7 +117,6 @@ if triton is not None:
         row0 = tl.load(meta + k * 6 + 3)
         a_row0 = tl.load(meta + k * 6 + 4)
         b0 = tl.load(meta + k * 6 + 5)
-        scaling = tl.load(scalings + k)
         # Addresses read from memory carry no alignment the compiler can see; without the hint, loads and
         # stores are not vectorised (torch allocations start 16-byte aligned; the caller checks each).
         w_ptr = tl.multiple_of(tl.load(table + k * 3).to(tl.pointer_type(out_ptr.dtype.element_ty)), 16)
@@ -115,36 +126,16 @@ if triton is not None:
         rm = (pid - tile0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_R)
-        m_ok = rm < M
-        n_ok = rn < N
-        k_ok = rk < R
-        left = tl.load(
-            left_ptr + rm[:, None] * R + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        right = tl.load(
-            right_ptr + rk[:, None] * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        if IEEE:
-            delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
-        else:
-            delta = tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="tf32")
-        tile = m_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_ptr + rm[:, None] * N + rn[None, :], mask=tile, other=0.0)
-        out = w.to(tl.float32) + scaling * delta
+        out, left_s, right_s, tile, left_mask, right_mask = _merged_tile(
+            w_ptr, left_ptr, right_ptr, rm, rn, M, N, R, tl.load(scalings + k),
+            N, 1, R, 1, N, 1, BLOCK_R, IEEE,
+        )  # fmt: skip
         dtype = out_ptr.dtype.element_ty
         tl.store(out_ptr + (row0 + rm)[:, None] * N + rn[None, :], out.to(dtype), mask=tile)
         if WRITE_B and pid_n == 0:
-            tl.store(
-                b_out_ptr + b0 + rm[:, None] * R + rk[None, :],
-                (scaling * left.to(tl.float32)).to(dtype),
-                mask=m_ok[:, None] & k_ok[None, :],
-            )
+            tl.store(b_out_ptr + b0 + rm[:, None] * R + rk[None, :], left_s.to(dtype), mask=left_mask)
         if pid == tile0:
-            tl.store(
-                a_out_ptr + (a_row0 + rk)[:, None] * N + rn[None, :],
-                (scaling * right.to(tl.float32)).to(dtype),
-                mask=k_ok[:, None] & n_ok[None, :],
-            )
+            tl.store(a_out_ptr + (a_row0 + rk)[:, None] * N + rn[None, :], right_s.to(dtype), mask=right_mask)
 
     @triton.jit
     def _rows_kernel(
