@@ -171,7 +171,7 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
 
     Its launch passes a device table of the tensors' addresses instead of each tensor and stride, and costs
     less host time: on H100 hosts one launch per sibling group instead of one per sibling made the eager
-    step 4–8% faster where the step waits on the host (benchmarks/RESULTS.md, "One merge launch per
+    step 3–8% faster where the step waits on the host (benchmarks/RESULTS.md, "One merge launch per
     sibling group"). A layer's weights and factors keep their storage from step to step, so each table is
     built once.
     """
