@@ -194,9 +194,9 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
         ):
             xs = x.detach().to(cast).clone().requires_grad_(True)
             factor = torch.float64 if cast == torch.float64 else torch.float32
-            a_, b_ = _param(a.to(factor), "A" in train), _param(b.to(factor), "B" in train)
-            w_ = _param(w.to(cast), False)
-            y = fn(xs, w_, bias.to(cast), a_, b_, 2.0, p, p > 0, transposed, dropout_mask=mask, **kw)
+            a_ = a.detach().to(factor).clone().requires_grad_("A" in train)
+            b_ = b.detach().to(factor).clone().requires_grad_("B" in train)
+            y = fn(xs, w.to(cast), bias.to(cast), a_, b_, 2.0, p, p > 0, transposed, dropout_mask=mask, **kw)
             y.backward(g.to(cast))
             return [y, xs.grad, a_.grad, b_.grad]
 
@@ -227,18 +227,13 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
     return {"ok": ok, "cases": results}
 
 
-def _param(t: torch.Tensor, trains: bool) -> torch.nn.Parameter:
-    return torch.nn.Parameter(t.detach().clone(), requires_grad=trains)
-
-
 def _grouped_run(case: dict, cast: torch.dtype, train: str, group: bool) -> list[torch.Tensor | None]:
     """Outputs and gradients of three siblings on one input: grouped, or the reference per sibling."""
     factor = torch.float64 if cast == torch.float64 else torch.float32
     x = case["x"].detach().to(cast).clone().requires_grad_(True)
-    # parameters, as in a model: the one-launch merge takes only those (fused._one_launch_applies)
-    factors_a = [_param(a.to(factor), "A" in train) for a in case["A"]]
-    factors_b = [_param(b.to(factor), "B" in train) for b in case["B"]]
-    weights, biases = [_param(w.to(cast), False) for w in case["W"]], [b.to(cast) for b in case["bias"]]
+    factors_a = [a.detach().to(factor).clone().requires_grad_("A" in train) for a in case["A"]]
+    factors_b = [b.detach().to(factor).clone().requires_grad_("B" in train) for b in case["B"]]
+    weights, biases = [w.to(cast) for w in case["W"]], [b.to(cast) for b in case["bias"]]
     if group:
         ys = grouped.lora_linear_group(x, weights, biases, factors_a, factors_b, [2.0] * len(weights))
     else:

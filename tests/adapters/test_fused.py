@@ -361,3 +361,7 @@ def test_one_launch_merge_takes_aligned_contiguous_tensors_in_linear_layout():
     assert not fused._one_launch_applies(False, (w, a, torch.nn.Parameter(b.double())))  # two factor dtypes
     shifted = torch.nn.Parameter(torch.randn(13)[1:].view(4, 3), requires_grad=False)  # 4 bytes past 16
     assert not fused._one_launch_applies(False, (shifted, a, b))
+    # 2**31 weight elements would overflow the kernel's int32 offsets (meta tensors: no memory)
+    factors = (torch.empty(4, 2**15, device="meta"), torch.empty(2**16, 4, device="meta"))
+    assert not fused._one_launch_applies(False, (torch.empty(2**16, 2**15, device="meta"), *factors))
+    assert fused._one_launch_applies(False, (torch.empty(2**15, 2**15, device="meta"), *factors))

@@ -84,12 +84,10 @@ FUSED_VS_FLOAT64 = textwrap.dedent(
         ):
             xs = x.to(cast).clone().requires_grad_(True)
             factor = torch.float64 if cast == torch.float64 else torch.float32
-            # parameters, as in a model (the one-launch merge takes only those)
-            a_ = torch.nn.Parameter(a.to(factor).clone(), requires_grad="A" in train)
-            b_ = torch.nn.Parameter(b.to(factor).clone(), requires_grad="B" in train)
-            w_ = torch.nn.Parameter(w.to(cast).clone(), requires_grad=False)
+            a_ = a.to(factor).clone().requires_grad_("A" in train)
+            b_ = b.to(factor).clone().requires_grad_("B" in train)
             bias_ = None if bias is None else bias.to(cast)
-            y = fn(xs, w_, bias_, a_, b_, 2.0, 0.0, False, transposed, **kw)
+            y = fn(xs, w.to(cast), bias_, a_, b_, 2.0, 0.0, False, transposed, **kw)
             y.backward(g.to(cast))
             assert (a_.grad is None) == ("A" not in train) and (b_.grad is None) == ("B" not in train)
             grads = [t.grad for t in (a_, b_) if t.requires_grad]
@@ -273,10 +271,9 @@ GROUP_MERGE_CHECK = textwrap.dedent(
         for group, dtype in ((True, torch.float16), (False, torch.float64)):
             xs = x.to(dtype).requires_grad_(True)
             factor = torch.float64 if dtype == torch.float64 else torch.float32
-            param = torch.nn.Parameter  # as in a model: the one-launch merge takes only parameters
-            a_ = [param((r / n_cols**0.5).to(factor), requires_grad=bool(t)) for r, t in zip(rights, train_a)]
-            b_ = [param((l * 0.1).to(factor), requires_grad=bool(t)) for l, t in zip(lefts, train_b)]
-            w_ = [param(w.to(dtype), requires_grad=False) for w in ws]
+            a_ = [(r / n_cols**0.5).to(factor).requires_grad_(bool(t)) for r, t in zip(rights, train_a)]
+            b_ = [(l * 0.1).to(factor).requires_grad_(bool(t)) for l, t in zip(lefts, train_b)]
+            w_ = [w.to(dtype) for w in ws]
             if group:
                 ys = grouped.lora_linear_group(xs, w_, [None] * 3, a_, b_, [0.5, 2.0, 1.5])
             else:

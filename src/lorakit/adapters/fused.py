@@ -181,6 +181,7 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
         and not torch.compiler.is_compiling()
         and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
+        and sum(w.numel() for w in tensors[: len(tensors) // 3]) < 2**31  # the kernel's int32 offsets
     )
 
 
