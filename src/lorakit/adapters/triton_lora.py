@@ -326,7 +326,7 @@ if triton is not None:
         weights (M_k, N), lefts (M_k, r_k) and rights (r_k, N), each contiguous, the weights in one dtype
         and the factors in another. Returns the merged weights (views into one (ΣM, N) tensor), s·right of
         every member stacked (Σr, N), and s·left per member if ``write_left``, all in the weights' dtype.
-        One launch in place of n, with 8 runtime arguments in place of 22 each: host time that eager steps
+        One launch in place of n, with 8 runtime arguments in place of 18 each: host time that eager steps
         wait on where the host is slow (benchmarks/RESULTS.md, "One merge launch per sibling group").
         """
         block_m, block_n, warps = config or (32, 128, 4)  # as _launch; config = (BLOCK_M, BLOCK_N, warps)
