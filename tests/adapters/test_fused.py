@@ -365,3 +365,10 @@ def test_one_launch_merge_takes_aligned_contiguous_tensors_in_linear_layout():
     factors = (torch.empty(4, 2**15, device="meta"), torch.empty(2**16, 4, device="meta"))
     assert not fused._one_launch_applies(False, (torch.empty(2**16, 2**15, device="meta"), *factors))
     assert fused._one_launch_applies(False, (torch.empty(2**15, 2**15, device="meta"), *factors))
+
+
+def test_one_launch_merge_is_off_while_a_cuda_graph_is_captured(monkeypatch):
+    w, a, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2)
+    assert not fused._capturing(w)  # a CPU tensor is never captured
+    monkeypatch.setattr(fused, "_capturing", lambda t: True)
+    assert not fused._one_launch_applies(False, (w, a, b))

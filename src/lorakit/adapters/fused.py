@@ -164,6 +164,11 @@ def _merge(
     return merged, a_s, b_s
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on CUDA and the current stream is capturing a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether :func:`triton_lora.merge_lora_weights` takes these: ``nn.Linear`` layout, contiguous, at
     16-byte aligned addresses (the kernel is compiled for that), factors of one dtype, in eager
@@ -173,12 +178,15 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
     less host time: on H100 hosts one launch per sibling group instead of one per sibling made the eager
     step 3–8% faster where the step waits on the host (benchmarks/RESULTS.md, "One merge launch per
     sibling group"). A layer's weights and factors keep their storage from step to step, so each table is
-    built once.
+    built once. Not while a CUDA graph is being captured: a graph would keep reading a cached table that
+    the cache may drop later, and an upload captured from pinned memory would replay whatever that memory
+    holds by then.
     """
     return (
         ONE_LAUNCH_MERGE
         and not transposed
         and not torch.compiler.is_compiling()
+        and not _capturing(tensors[0])
         and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
         and sum(w.numel() for w in tensors[: len(tensors) // 3]) < 2**31  # the kernel's int32 offsets
