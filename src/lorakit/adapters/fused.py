@@ -176,7 +176,7 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
 
     Its launch passes a device table of the tensors' addresses instead of each tensor and stride, and costs
     less host time: on H100 hosts, one launch per sibling group instead of one per sibling made the eager
-    step a median 3% faster, over 12 same-process comparisons (benchmarks/RESULTS.md, "One merge launch per
+    step a median 3% faster, over 11 same-process comparisons (benchmarks/RESULTS.md, "One merge launch per
     sibling group"). A layer's weights and factors keep their storage from step to step, so each table is
     built once. Not while a CUDA graph is being captured: a graph would keep reading a cached table that
     the cache may drop later, and an upload captured from pinned memory would replay whatever that memory
