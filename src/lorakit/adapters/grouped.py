@@ -54,7 +54,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         x2 = fused._rows(x)
         keep = save_merged_weight and need_dx
         merged, a_rows, b_scaled = _merge_siblings(
-            weights, factors_a, factors_b, scalings, transposed, dtype, keep
+            weights, factors_a, factors_b, scalings, transposed, dtype, keep, stack_a=any(train_b)
         )
         outputs, kept = [], []
         for k, bias in enumerate(biases):
@@ -64,14 +64,8 @@ class _LoraGroupFunction(torch.autograd.Function):
         u = None  # [u_i for siblings whose B trains], T × Σr: one pass over x
         if any(train_b):
             if not all(train_b):
-                starts = [sum(a.shape[0] for a in factors_a[:k]) for k in range(n)]
-                a_rows = torch.cat(
-                    [
-                        a_rows[s : s + a.shape[0]]
-                        for s, a, t in zip(starts, factors_a, train_b, strict=True)
-                        if t
-                    ]
-                )
+                parts = torch.split(a_rows, [a.shape[0] for a in factors_a])
+                a_rows = torch.cat([part for part, t in zip(parts, train_b, strict=True) if t])
             u = x2 @ a_rows.t()
         ctx.save_for_backward(x2 if any(train_a) else None, u, *weights, *factors_a, *factors_b, *kept)
         ctx.flags = flags
@@ -94,7 +88,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         if need_dx and kept[0] is None:
             dtype = next(g for g in grads if g is not None).dtype
             merged, _, b_scaled = _merge_siblings(
-                weights, factors_a, factors_b, scalings, transposed, dtype, True
+                weights, factors_a, factors_b, scalings, transposed, dtype, True, stack_a=False
             )
             kept = [t for pair in zip(merged, b_scaled, strict=True) for t in pair]
         for i, grad in enumerate(grads):
@@ -131,9 +125,12 @@ def _merge_siblings(
     transposed: bool,
     dtype: torch.dtype,
     scaled_b: bool,
-) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    *,
+    stack_a: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor | None]]:
     """Every sibling's ``W_i = W0_i + s_i B_i A_i`` in ``dtype``, all ``s_i A_i`` stacked (Σr × in), and
-    ``s_i B_i`` per sibling (or Nones unless ``scaled_b``).
+    ``s_i B_i`` per sibling (or Nones unless ``scaled_b``). The one launch writes the stack anyway; one
+    merge each stacks it only with ``stack_a`` (else None), since backward has no use for it.
 
     In eager on CUDA, with contiguous ``nn.Linear`` weights and factors, one Triton launch for the whole
     group (:func:`lorakit.adapters.triton_lora.merge_lora_weights`); else one :func:`fused._merge` each.
@@ -151,7 +148,7 @@ def _merge_siblings(
         merged.append(merged_weight)
         a_rows.append(a_s)
         b_rows.append(b_s if scaled_b else None)
-    return merged, torch.cat(a_rows), b_rows
+    return merged, torch.cat(a_rows) if stack_a else None, b_rows
 
 
 def _split_columns(t: torch.Tensor | None, widths: list[int]) -> tuple[torch.Tensor, ...]:
