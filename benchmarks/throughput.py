@@ -53,6 +53,7 @@ EXTRA_VARIANTS = [
     "lorakit-savemerged",
     "lorakit-frozenA-savemerged",
     "lorakit-eagergrad",
+    "lorakit-frozenA-eagergrad",
     "lorakit-savemerged-eagergrad",
     "lorakit-folded",
     "lorakit-frozenA-folded",
@@ -74,6 +75,7 @@ PEER = {
     "lorakit-savemerged": "peft-bf16",
     "lorakit-frozenA-savemerged": "peft-bf16-frozenA",
     "lorakit-eagergrad": "peft-bf16",
+    "lorakit-frozenA-eagergrad": "peft-bf16-frozenA",
     "lorakit-savemerged-eagergrad": "peft-bf16",
     "lorakit-folded": "peft-bf16",
     "lorakit-frozenA-folded": "peft-bf16-frozenA",
@@ -93,6 +95,8 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-ungrouped": 0.97,
     "lorakit-mergeeach": 0.95,
     "lorakit-frozenA-mergeeach": 0.97,
+    "lorakit-eagergrad": 0.95,
+    "lorakit-frozenA-eagergrad": 0.97,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -101,6 +105,8 @@ PROFILED = (
     "lorakit",
     "lorakit-savemerged",
     "lorakit-eagergrad",
+    "lorakit-frozenA",
+    "lorakit-frozenA-eagergrad",
     "lorakit-folded",
     "lorakit-mergeeach",
 )
@@ -493,9 +499,12 @@ def profile_steps(step: Callable, path: Path, title: str) -> None:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    # each kernel on its own (Triton's, cuBLAS's, elementwise), largest GPU time first
+    kernels = averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=70)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(f"\n### {title} (2 steps)\n{table}\n")
+        handle.write(f"\n### {title} (2 steps)\n{table}\n\n#### by self GPU time\n{kernels}\n")
 
 
 # ----------------------------------------------------------------------------------------------- micro

@@ -322,3 +322,104 @@ def test_group_merge_kernel_and_grouped_function_under_the_interpreter() -> None
     """One merge launch for a sibling group: equal to a launch per sibling, and the grouped Function on it
     (mixes of trainable factors) against float64."""
     _interpret(GROUP_MERGE_CHECK)
+
+
+GROUP_GRAD_CHECK = textwrap.dedent(
+    """
+    import torch
+    from lorakit.adapters import fused, grouped
+    from lorakit.adapters import triton_lora as tk
+
+    assert tk.AVAILABLE
+    torch.manual_seed(0)
+    # the group kernel against float64: members of different widths and ranks, rows not a multiple of BLOCK_M
+    tokens, widths, ranks = 70, (64, 16, 48), (8, 4, 16)
+    grads = [torch.randn(tokens, n).half() for n in widths]
+    b_s = [torch.randn(n, r).half() for n, r in zip(widths, ranks)]
+    u = torch.randn(tokens, sum(ranks)).half()
+    for with_g, with_db in ((True, True), (True, False), (False, True)):
+        g_cat, d_bs = tk.lora_grad_pass_group(grads, b_s if with_g else None, u if with_db else None, ranks)
+        assert (g_cat is None) != with_g and (d_bs is None) != with_db
+        col = 0
+        for k, (g, b, r) in enumerate(zip(grads, b_s, ranks)):
+            if with_g:
+                want = g.double() @ b.double()
+                got = g_cat[:, col : col + r].double()
+                assert float((got - want).abs().max() / want.abs().max()) < 2e-3, k
+            if with_db:
+                want = g.double().t() @ u[:, col : col + r].double()
+                assert d_bs[k].dtype == torch.float32 and d_bs[k].shape == (g.shape[1], r)
+                assert float((d_bs[k].double() - want).abs().max() / want.abs().max()) < 1e-5, k
+            col += r
+
+    # the grouped Function with the kernel on, against float64 (uniform and mixed trainable factors)
+    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS
+    fused.GRAD_PASS_IN_EAGER = True
+    launches = []
+    real = tk.lora_grad_pass_group
+    tk.lora_grad_pass_group = lambda *args: launches.append(len(args[0])) or real(*args)
+    n_cols, scalings = 32, [0.5, 2.0, 1.5]
+    worst = 0.0
+    mixes = (((1, 1, 1), (1, 1, 1)), ((0, 0, 0), (1, 1, 1)), ((1, 1, 1), (0, 0, 0)), ((1, 0, 1), (0, 1, 1)))
+    for train_a, train_b in mixes:
+        launches.clear()
+        x = torch.randn(4, 6, n_cols)
+        gs = [torch.randn(4, 6, m) for m in widths]
+        rights = [torch.randn(r, n_cols) / n_cols**0.5 for r in ranks]
+        lefts = [torch.randn(m, r) * 0.1 for m, r in zip(widths, ranks)]
+        ws = [torch.randn(m, n_cols) for m in widths]
+        outs = []
+        for group, dtype in ((True, torch.float16), (False, torch.float64)):
+            xs = x.to(dtype).requires_grad_(True)
+            factor = torch.float64 if dtype == torch.float64 else torch.float32
+            a_ = [r.to(factor, copy=True).requires_grad_(bool(t)) for r, t in zip(rights, train_a)]
+            b_ = [l.to(factor, copy=True).requires_grad_(bool(t)) for l, t in zip(lefts, train_b)]
+            w_ = [w.to(dtype) for w in ws]
+            if group:
+                ys = grouped.lora_linear_group(xs, w_, [None] * 3, a_, b_, scalings)
+            else:
+                ys = [fused.reference_lora_linear(xs, *one) for one in zip(w_, [None] * 3, a_, b_, scalings)]
+            torch.autograd.backward(ys, [g.to(dtype) for g in gs])
+            outs.append([*ys, xs.grad, *(t.grad for t in a_ + b_)])
+        for got, want in zip(*outs):
+            assert (got is None) == (want is None)
+            if want is not None:
+                worst = max(worst, float((got.double() - want.detach()).norm() / want.detach().norm()))
+        mixed = len(set(train_a)) > 1
+        assert (set(launches) == {1}) if mixed else launches == [3], (train_a, train_b, launches)
+    print(worst)
+    assert worst < 1e-2, worst
+
+    # in a model: q/k/v's upstream gradients in one launch, o's in a launch of its own (n = 1)
+    import lorakit
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
+
+    for train in ("AB", "B"):  # with train="B", A is a frozen buffer: dB only
+        torch.manual_seed(0)
+        model = Attention().half()
+        lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q", "k", "v", "o"], train=train))
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(model):
+                layer.lora_B.normal_()
+        launches.clear()
+        x = torch.randn(2, 64, 32).half().requires_grad_(True)  # 128 tokens: the merged strategy applies
+        for _ in range(3):
+            model(x).float().square().sum().backward()
+        # the first forward probes (one by one); then o, and q/k/v as one
+        assert launches == [1, 1, 1, 1] + [1, 3] * 2, (train, launches)
+    """
+)
+
+
+def test_group_grad_kernel_and_grouped_function_under_the_interpreter() -> None:
+    """One launch for a sibling group's G_i and dB_i (``fused.GRAD_PASS_IN_EAGER``): against float64 at the
+    kernel, in the grouped Function for uniform and mixed trainable factors, and in an injected model."""
+    _interpret(GROUP_GRAD_CHECK)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +191,30 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
         and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
         and sum(w.numel() for w in tensors[: len(tensors) // 3]) < 2**31  # the kernel's int32 offsets
+    )
+
+
+def _grad_group_applies(
+    grads: Sequence[torch.Tensor], b_scaled: Sequence[torch.Tensor] | None, u: torch.Tensor | None
+) -> bool:
+    """Whether :func:`triton_lora.lora_grad_pass_group` takes these: with :data:`GRAD_PASS_IN_EAGER`, in eager
+    on CUDA, bf16/fp16 upstream gradients dY_i (T × out_i, out_i a multiple of 16), the s_i B_i (or None: no
+    G wanted) and u (or None: no dB wanted) in their dtype, all contiguous at 16-byte aligned addresses
+    (the kernel is compiled for that), under 2³¹ elements per dY_i (its int32 offsets).
+
+    Not while a CUDA graph is being captured, for the reason :func:`_one_launch_applies` gives.
+    """
+    g0 = grads[0]
+    operands = [*grads, *(b_scaled or ()), *(() if u is None else (u,))]
+    return (
+        GRAD_PASS_IN_EAGER
+        and (b_scaled is not None or u is not None)
+        and g0.dtype in (torch.bfloat16, torch.float16)
+        and _use_triton("grad", g0)
+        and not torch.compiler.is_compiling()
+        and not _capturing(g0)
+        and all(t.dtype == g0.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in operands)
+        and all(g.shape[1] % 16 == 0 and g.numel() < 2**31 for g in grads)
     )
 
 
@@ -369,10 +394,19 @@ def _gb_and_db(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(G · sB if need_gb, dB = Gᵀ u in db_dtype if train_b)`` for the upstream gradient G (T×out).
 
-    Where both are wanted and :func:`_use_grad_pass` holds, one Triton kernel reads G once for both;
-    otherwise each is a GEMM of its own (dB written in float32 directly on CUDA).
+    In eager where :func:`_grad_group_applies`, one launch of the table kernel reads G once for what is
+    wanted; else, where both are wanted and :func:`_use_grad_pass` holds, one Triton kernel reads G once
+    for both; otherwise each is a GEMM of its own (dB written in float32 directly on CUDA).
     """
     gb = d_b = None
+    if (need_gb or train_b) and _grad_group_applies([g], [b_s] if need_gb else None, u if train_b else None):
+        rank = (b_s if need_gb else u).shape[1]
+        gb, d_bs = triton_lora.lora_grad_pass_group(
+            [g], [b_s] if need_gb else None, u if train_b else None, (rank,)
+        )
+        if d_bs is not None:
+            d_b = d_bs[0] if d_bs[0].dtype == db_dtype else d_bs[0].to(db_dtype)
+        return gb, d_b
     if need_gb:
         if train_b and _use_grad_pass(g):
             gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both

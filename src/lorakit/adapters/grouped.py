@@ -80,41 +80,77 @@ class _LoraGroupFunction(torch.autograd.Function):
         x2, u, *saved = ctx.saved_tensors
         weights, factors_a, factors_b = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
         kept = saved[3 * n :]
-        u_parts = _split_columns(u, [f.shape[1] for f, t in zip(factors_b, train_b, strict=True) if t])
         dx = None
         d_a: list[torch.Tensor | None] = [None] * n
         d_b: list[torch.Tensor | None] = [None] * n
-        gbs = []  # (sibling, G_i s_i B_i) for siblings whose A trains
         if need_dx and kept[0] is None:
             dtype = next(g for g in grads if g is not None).dtype
             merged, _, b_scaled = _merge_siblings(
                 weights, factors_a, factors_b, scalings, transposed, dtype, True, stack_a=False
             )
             kept = [t for pair in zip(merged, b_scaled, strict=True) for t in pair]
-        for i, grad in enumerate(grads):
-            if grad is None:
-                continue
-            g = fused._rows(grad)
-            lora_b, scaling = factors_b[i], scalings[i]
-            merged_weight, b_s = kept[2 * i], kept[2 * i + 1]
-            if need_dx:
-                w = merged_weight.t() if transposed else merged_weight
-                dx = g @ w if dx is None else dx.addmm_(g, w)
-            u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
-            if train_a[i] and b_s is None:
-                b_s = (lora_b * scaling).to(g.dtype)
-            gb, d_b[i] = fused._gb_and_db(g, b_s, u_i, train_a[i], train_b[i], lora_b.dtype)
-            if train_a[i]:
-                gbs.append((i, gb))
-        if gbs:
-            gb_cat = torch.cat([gb for _, gb in gbs], dim=1) if len(gbs) > 1 else gbs[0][1]
-            d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[gbs[0][0]].dtype)
-            rows = [gb.shape[1] for _, gb in gbs]
-            for (i, _), part in zip(gbs, torch.split(d_a_cat, rows, dim=0), strict=True):
+        rows = [None if grad is None else fused._rows(grad) for grad in grads]
+        if need_dx:
+            for g, merged_weight in zip(rows, kept[::2], strict=True):
+                if g is not None:
+                    w = merged_weight.t() if transposed else merged_weight
+                    dx = g @ w if dx is None else dx.addmm_(g, w)
+        b_s = [  # s_i B_i in the activation dtype, for the siblings whose G_i feeds dA_i
+            (kept[2 * i + 1] if kept[2 * i + 1] is not None else (factors_b[i] * scalings[i]).to(g.dtype))
+            if train_a[i] and g is not None
+            else None
+            for i, g in enumerate(rows)
+        ]
+        gb_cat, trained_a, d_b = _factor_grads(rows, b_s, u, train_a, train_b, factors_b)
+        if trained_a:  # one pass over x for every dA_i
+            d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[trained_a[0]].dtype)
+            widths = [factors_a[i].shape[0] for i in trained_a]
+            for i, part in zip(trained_a, torch.split(d_a_cat, widths, dim=0), strict=True):
                 d_a[i] = part
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, None, *([None] * (2 * n)), *d_a, *d_b
+
+
+def _factor_grads(
+    rows: list[torch.Tensor | None],
+    b_s: list[torch.Tensor | None],
+    u: torch.Tensor | None,
+    train_a: tuple[bool, ...],
+    train_b: tuple[bool, ...],
+    factors_b: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor | None, list[int], list[torch.Tensor | None]]:
+    """``(G, siblings, dB)`` from the siblings' upstream gradients dY_i (``rows``, T × out_i, None where a
+    sibling's output got none): G = [dY_i s_i B_i …] (T × Σr) over the listed siblings, those whose A trains;
+    dB_i = dY_iᵀ u_i for each sibling whose B trains, else None.
+
+    One launch of :func:`lorakit.adapters.triton_lora.lora_grad_pass_group` for the whole group where
+    :func:`fused._grad_group_applies` (every sibling got a gradient and trains the same factors); else each
+    sibling on its own (:func:`fused._gb_and_db`) and one ``torch.cat``.
+    """
+    n = len(rows)
+    trained_a = [i for i in range(n) if train_a[i] and rows[i] is not None]
+    if all(g is not None for g in rows) and len(set(train_a)) == len(set(train_b)) == 1:
+        left = b_s if train_a[0] else None
+        stacked_u = u if train_b[0] else None
+        if fused._grad_group_applies(rows, left, stacked_u):
+            ranks = tuple(f.shape[1] for f in factors_b)
+            gb_cat, d_bs = triton_lora.lora_grad_pass_group(rows, left, stacked_u, ranks)
+            if d_bs is None:
+                return gb_cat, trained_a, [None] * n
+            d_b = [d if d.dtype == f.dtype else d.to(f.dtype) for d, f in zip(d_bs, factors_b, strict=True)]
+            return gb_cat, trained_a, d_b
+    u_parts = _split_columns(u, [f.shape[1] for f, t in zip(factors_b, train_b, strict=True) if t])
+    gbs, d_b = [], [None] * n
+    for i, g in enumerate(rows):
+        if g is None:
+            continue
+        u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
+        gb, d_b[i] = fused._gb_and_db(g, b_s[i], u_i, train_a[i], train_b[i], factors_b[i].dtype)
+        if train_a[i]:
+            gbs.append(gb)
+    gb_cat = torch.cat(gbs, dim=1) if len(gbs) > 1 else (gbs[0] if gbs else None)
+    return gb_cat, trained_a, d_b
 
 
 def _merge_siblings(

@@ -7,7 +7,7 @@
   product is formed in float32, then added and rounded once), and writes ``W`` once.
   :func:`merge_lora_weights` does it for a group of siblings in one launch.
 * :func:`lora_grad_pass`: the backward's ``G = dY · sB`` and ``dB = dYᵀ · u`` from one read of ``dY``
-  (cuBLAS reads it once per GEMM).
+  (cuBLAS reads it once per GEMM); :func:`lora_grad_pass_group` for a sibling group in one launch.
 
 Importing this module never fails: without Triton (or without CUDA) :data:`AVAILABLE` is False and the
 functions are None, and callers fall back to torch ops. The kernels are registered with
@@ -29,6 +29,7 @@ AVAILABLE = False
 merge_lora_weight = None
 merge_lora_weights = None
 lora_grad_pass = None
+lora_grad_pass_group = None
 
 if triton is not None:
 
@@ -138,27 +139,16 @@ if triton is not None:
             tl.store(a_out_ptr + (a_row0 + rk)[:, None] * N + rn[None, :], right_s.to(dtype), mask=right_mask)
 
     @triton.jit
-    def _rows_kernel(
-        a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr,
-        M, N, R,
-        s_am, s_an, s_rn, s_rk, s_um, s_uk,
+    def _rows_block(
+        a_ptr, right_ptr, cols_ptr, u, rm, m_ok, N, R, s_am, s_an, s_rn, s_rk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     ):  # fmt: skip
-        """One pass over ``a`` (M×N, read once): ``rows = a @ right`` (M×R) and ``cols += aᵀ @ u`` (N×R).
-
-        Each program owns BLOCK_M rows and walks all N columns: ``rows`` is reduced in registers and
-        stored once in rows' dtype; ``cols`` (float32, zero-initialised) gets one atomic add per row block.
-        """
-        pid = tl.program_id(0)
-        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        """Rows ``rm`` of ``a`` (M×N), read once across all N columns: returns their ``a @ right``
+        (BLOCK_M × BLOCK_R, float32) and, with ``HAS_COLS``, atomically adds their ``aᵀ @ u`` into ``cols``
+        (N×R, float32, contiguous); ``u`` is this block's rows of u, already loaded."""
         rk = tl.arange(0, BLOCK_R)
-        m_ok = rm < M
         k_ok = rk < R
-        if HAS_COLS:
-            u = tl.load(
-                u_ptr + rm[:, None] * s_um + rk[None, :] * s_uk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
-            )
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
@@ -181,10 +171,86 @@ if triton is not None:
                     mask=n_ok[:, None] & k_ok[None, :],
                     sem="relaxed",
                 )
+        return acc
+
+    @triton.jit
+    def _rows_kernel(
+        a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr,
+        M, N, R,
+        s_am, s_an, s_rn, s_rk, s_um, s_uk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
+    ):  # fmt: skip
+        """One pass over ``a`` (M×N, read once): ``rows = a @ right`` (M×R) and ``cols += aᵀ @ u`` (N×R).
+
+        Each program owns BLOCK_M rows and walks all N columns: ``rows`` is reduced in registers and
+        stored once in rows' dtype; ``cols`` (float32, zero-initialised) gets one atomic add per row block.
+        """
+        pid = tl.program_id(0)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
+        k_ok = rk < R
+        u = None
+        if HAS_COLS:
+            u = tl.load(
+                u_ptr + rm[:, None] * s_um + rk[None, :] * s_uk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )
+        acc = _rows_block(
+            a_ptr, right_ptr, cols_ptr, u, rm, m_ok, N, R, s_am, s_an, s_rn, s_rk,
+            BLOCK_M, BLOCK_N, BLOCK_R, HAS_ROWS, HAS_COLS,
+        )  # fmt: skip
         if HAS_ROWS:
             tl.store(
                 rows_ptr + rm[:, None] * R + rk[None, :],
                 acc.to(rows_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & k_ok[None, :],
+            )
+
+    @triton.jit
+    def _group_grad_kernel(
+        table, meta, u_ptr, g_out_ptr, db_ptr, like_ptr, T, U_W, G_W,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_G: tl.constexpr, HAS_DB: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_rows_kernel` for the upstream gradients of a sibling group in one launch: program
+        (row block, member k) reads rows of dY_k once for G_k = dY_k · s_kB_k and dB_k += dY_kᵀ u_k.
+
+        ``table`` holds the addresses (dY_k, s_kB_k) of member k (both contiguous), ``meta`` its (out_k / 16,
+        r_k, first column of u_k in u and of G_k in ``g_out``, first element of dB_k in ``db``). u is
+        T × U_W and ``g_out`` T × G_W, contiguous; dB (float32, zero-initialised) holds every dB_k, one
+        after another.
+        """
+        pid = tl.program_id(0)
+        k = tl.program_id(1)
+        # out_k is stored divided by 16 so that the compiler sees every row of dY_k start 16-byte aligned
+        # (the caller checks out_k % 16 == 0): vectorised loads, as the merge kernel's hints give it.
+        N = tl.load(meta + k * 4) * 16
+        R = tl.load(meta + k * 4 + 1)
+        col0 = tl.load(meta + k * 4 + 2)
+        db0 = tl.load(meta + k * 4 + 3)
+        element = tl.pointer_type(like_ptr.dtype.element_ty)
+        dy_ptr = tl.multiple_of(tl.load(table + k * 2).to(element), 16)
+        b_ptr = tl.multiple_of(tl.load(table + k * 2 + 1).to(element), 16)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_R)
+        m_ok = rm < T
+        k_ok = rk < R
+        u = None
+        if HAS_DB:
+            u = tl.load(
+                u_ptr + rm[:, None] * U_W + (col0 + rk)[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+        acc = _rows_block(
+            dy_ptr, b_ptr, db_ptr + db0, u, rm, m_ok, N, R, N, 1, R, 1,
+            BLOCK_M, BLOCK_N, BLOCK_R, HAS_G, HAS_DB,
+        )  # fmt: skip
+        if HAS_G:
+            tl.store(
+                g_out_ptr + rm[:, None] * G_W + (col0 + rk)[None, :],
+                acc.to(g_out_ptr.dtype.element_ty),
                 mask=m_ok[:, None] & k_ok[None, :],
             )
 
@@ -274,11 +340,22 @@ if triton is not None:
             return host.to(device)
         return host.pin_memory().to(device, non_blocking=True)
 
+    def _cached(key: tuple, build) -> tuple:
+        """``build()`` for ``key``, built once. The callers' keys hold every address and shape a table is made
+        of, so a cached entry is never stale: a tensor at a freed tensor's address and of its shape gets
+        the very table it would get built."""
+        found = _GROUP_TABLES.get(key)
+        if found is None:
+            if len(_GROUP_TABLES) >= 4096:  # a model rebuilt many times over: start over
+                _GROUP_TABLES.clear()
+            found = _GROUP_TABLES[key] = build()
+        return found
+
     def _group_tables(weights, lefts, rights, scalings, block_m: int) -> tuple:
-        """(table, meta, scalings, row tiles, rows, rows of A, elements of B) on the weights' device, built
-        once per distinct content: the key holds every address, so a cached entry is never stale (a tensor
-        at a freed tensor's address and shape gets the same table it would get built)."""
+        """(table, meta, scalings, row tiles, rows, rows of A, elements of B) on the weights' device, for
+        :func:`_group_merge_kernel`."""
         key = (
+            "merge",
             block_m,
             tuple(t.data_ptr() for trio in zip(weights, lefts, rights, strict=True) for t in trio),
             tuple(w.shape[0] for w in weights),
@@ -286,32 +363,29 @@ if triton is not None:
             tuple(scalings),
             weights[0].device,
         )
-        found = _GROUP_TABLES.get(key)
-        if found is not None:
-            return found
-        meta, tiles, rows, a_rows, b_size = [], 0, 0, 0, 0
-        for m, r in zip(key[2], key[3], strict=True):
-            meta += [m, r, tiles, rows, a_rows, b_size]
-            tiles, rows, a_rows, b_size = (
-                tiles + triton.cdiv(m, block_m),
-                rows + m,
-                a_rows + r,
-                b_size + m * r,
+
+        def build() -> tuple:
+            meta, tiles, rows, a_rows, b_size = [], 0, 0, 0, 0
+            for m, r in zip(key[3], key[4], strict=True):
+                meta += [m, r, tiles, rows, a_rows, b_size]
+                tiles, rows, a_rows, b_size = (
+                    tiles + triton.cdiv(m, block_m),
+                    rows + m,
+                    a_rows + r,
+                    b_size + m * r,
+                )
+            device = key[6]
+            return (
+                _upload(key[2], torch.int64, device),
+                _upload(meta, torch.int32, device),
+                _upload(key[5], torch.float32, device),
+                tiles,
+                rows,
+                a_rows,
+                b_size,
             )
-        device = key[5]
-        found = (
-            _upload(key[1], torch.int64, device),
-            _upload(meta, torch.int32, device),
-            _upload(key[4], torch.float32, device),
-            tiles,
-            rows,
-            a_rows,
-            b_size,
-        )
-        if len(_GROUP_TABLES) >= 4096:  # a model rebuilt many times over: start over
-            _GROUP_TABLES.clear()
-        _GROUP_TABLES[key] = found
-        return found
+
+        return _cached(key, build)
 
     def _merge_lora_weights(
         weights: list[torch.Tensor],
@@ -356,6 +430,61 @@ if triton is not None:
         """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
         return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
 
+    def _grad_tables(grads, b_scaled, ranks) -> tuple:
+        """(table, meta, elements of dB) on the gradients' device, for :func:`_group_grad_kernel`."""
+        key = (
+            "grad",
+            tuple(g.data_ptr() for g in grads),
+            tuple(b.data_ptr() for b in b_scaled),
+            tuple(g.shape[1] for g in grads),
+            ranks,
+            grads[0].device,
+        )
+
+        def build() -> tuple:
+            table, meta, col0, db0 = [], [], 0, 0
+            for dy, b, n, r in zip(key[1], key[2], key[3], ranks, strict=True):
+                table += [dy, b]
+                meta += [n // 16, r, col0, db0]
+                col0, db0 = col0 + r, db0 + n * r
+            return _upload(table, torch.int64, key[5]), _upload(meta, torch.int32, key[5]), db0
+
+        return _cached(key, build)
+
+    def _lora_grad_pass_group(
+        grads: list[torch.Tensor],
+        b_scaled: list[torch.Tensor] | None,
+        u: torch.Tensor | None,
+        ranks: tuple[int, ...],
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        """:func:`lora_grad_pass` for the n upstream gradients of a sibling group in one launch (eager only).
+
+        grads: dY_k (T × out_k), contiguous, out_k a multiple of 16, one dtype. b_scaled: s_kB_k (out_k ×
+        r_k), contiguous, in that dtype, or None when no G is wanted. u: [u_1 … u_n] (T × Σr), contiguous,
+        or None when no dB is wanted. Returns G = [G_1 … G_n] (T × Σr, grads' dtype), ready for the group's
+        one dA GEMM, and dB_k (out_k × r_k, float32 views of one buffer). One launch and one zero fill in
+        place of 2n GEMMs (or n launches of :func:`lora_grad_pass` and n fills).
+        """
+        g0 = grads[0]
+        table, meta, db_size = _grad_tables(grads, b_scaled if b_scaled is not None else grads, ranks)
+        block_m, block_n, warps, stages = _grad_pass_config(max(g.shape[1] for g in grads))
+        width = sum(ranks)
+        tokens = g0.shape[0]
+        g_out = (
+            torch.empty((tokens, width), dtype=g0.dtype, device=g0.device) if b_scaled is not None else None
+        )
+        d_b = torch.zeros((db_size,), dtype=torch.float32, device=g0.device) if u is not None else None
+        _group_grad_kernel[(triton.cdiv(tokens, block_m), len(grads))](
+            table, meta, u if u is not None else g0, g_out if g_out is not None else g0,
+            d_b if d_b is not None else g0, g0, tokens, width, width,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
+            HAS_G=g_out is not None, HAS_DB=d_b is not None, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        if d_b is None:
+            return g_out, None
+        parts = d_b.split([g.shape[1] * r for g, r in zip(grads, ranks, strict=True)])
+        return g_out, [p.view(g.shape[1], r) for p, g, r in zip(parts, grads, ranks, strict=True)]
+
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
     def _grad_pass_op(
         g: torch.Tensor, b_s: torch.Tensor, u: torch.Tensor
@@ -376,4 +505,5 @@ if triton is not None:
     merge_lora_weight = _merge_lora_weight
     merge_lora_weights = _merge_lora_weights
     lora_grad_pass = _lora_grad_pass
+    lora_grad_pass_group = _lora_grad_pass_group
     AVAILABLE = True
