@@ -111,6 +111,15 @@ PROFILED = (
     "lorakit-mergeeach",
 )
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+# Any variant + this suffix steps AdamW(fused=True) (one kernel per step) instead of torch's default on CUDA
+# (foreach: several launches per group of tensors). Its ratios are taken against the PEFT runs with the same
+# suffix; no-adapter has no optimizer either way.
+FUSED_OPTIMIZER = "-fusedopt"
+
+
+def base_variant(variant: str) -> tuple[str, bool]:
+    """(the variant without the optimizer suffix, whether it steps AdamW(fused=True))."""
+    return variant.removesuffix(FUSED_OPTIMIZER), variant.endswith(FUSED_OPTIMIZER)
 
 
 @dataclass(frozen=True)
@@ -405,10 +414,11 @@ def describe_dtypes(model: torch.nn.Module) -> dict:
 
 # ----------------------------------------------------------------------------------------------- timing
 def make_step(
-    model: torch.nn.Module, ids: torch.Tensor, compiled: bool
+    model: torch.nn.Module, ids: torch.Tensor, compiled: bool, fused_optimizer: bool = False
 ) -> tuple[Callable[[], float], object]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt_kwargs = {"fused": True} if fused_optimizer else {}
+    opt = torch.optim.AdamW(params, lr=1e-4, **opt_kwargs) if params else None
     forward = torch.compile(model) if compiled else model
 
     def step() -> float:
@@ -446,6 +456,8 @@ def measure(
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
+    name = variant
+    variant, fused_optimizer = base_variant(variant)
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
     fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
@@ -459,7 +471,7 @@ def measure(
         device=device,
         generator=torch.Generator(device=device).manual_seed(7),
     )
-    step, opt = make_step(model, ids, compiled)
+    step, opt = make_step(model, ids, compiled, fused_optimizer)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -471,12 +483,12 @@ def measure(
     runs = [timed(step, steps) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile_to is not None:
-        profile_steps(step, profile_to, f"{variant} {'compiled' if compiled else 'eager'}")
+        profile_steps(step, profile_to, f"{name} {'compiled' if compiled else 'eager'}")
     tokens = spec.batch * spec.seq
     all_times = [t for run in runs for t in run]
     med = statistics.median(all_times)
     result = {
-        "variant": variant,
+        "variant": name,
         "mode": "compile" if compiled else "eager",
         "spec": asdict(spec),
         "tok_per_s": tokens / med,
@@ -556,18 +568,20 @@ def add_ratios(runs: list[dict]) -> None:
         )
 
     for run in runs:
+        variant, fused_optimizer = base_variant(run["variant"])
+        suffix = FUSED_OPTIMIZER if fused_optimizer else ""  # PEFT with the same optimizer
         for key, other in (
-            ("vs_peft_bf16", "peft-bf16"),
+            ("vs_peft_bf16", "peft-bf16" + suffix),
             ("vs_no_adapter", "no-adapter"),
-            ("vs_peft_default", "peft-default"),
+            ("vs_peft_default", "peft-default" + suffix),
         ):
             ref = find(other, run["mode"], run["spec"], run.get("sweep"))
             run[key] = run["tok_per_s"] / ref["tok_per_s"] if ref else None
-        peer = find(PEER.get(run["variant"], ""), run["mode"], run["spec"], run.get("sweep"))
+        peer = find(PEER.get(variant, "") + suffix, run["mode"], run["spec"], run.get("sweep"))
         run["peak_vs_peer"] = run["peak_gib"] / peer["peak_gib"] if peer else None
-        if run["variant"] in TARGET_VS_NONE and run["vs_no_adapter"] is not None:
-            run["target_vs_no_adapter"] = TARGET_VS_NONE[run["variant"]]
-            run["meets_target"] = run["vs_no_adapter"] >= TARGET_VS_NONE[run["variant"]]
+        if variant in TARGET_VS_NONE and run["vs_no_adapter"] is not None:
+            run["target_vs_no_adapter"] = TARGET_VS_NONE[variant]
+            run["meets_target"] = run["vs_no_adapter"] >= TARGET_VS_NONE[variant]
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -667,7 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha ({d.alpha:g})")
     parser.add_argument("--modes", default="eager,compile", help="comma list of eager, compile")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS + EXTRA_VARIANTS}"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma list of {VARIANTS + EXTRA_VARIANTS}, each optionally ending in {FUSED_OPTIMIZER}",
     )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each timed run")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median)")
@@ -784,7 +800,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_check and lorakit_ok:
         # one check per setting of save_merged_weight and of the folded GEMM among the lorakit variants
         settings = sorted(
-            {("-savemerged" in v, v.endswith("-folded")) for v in variants if v.startswith("lorakit")}
+            {
+                ("-savemerged" in v, base_variant(v)[0].endswith("-folded"))
+                for v in variants
+                if v.startswith("lorakit")
+            }
         )
         report["compile_check"] = [compile_check(device, *s) for s in settings or [(False, False)]]
         LOG.info("compile check: %s", report["compile_check"])
@@ -801,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             if mode == "compile" and variant.startswith("lorakit") and not compiled_ok:
                 continue
-            prof = profile_path if (mode == "eager" and variant in PROFILED) else None
+            profiled = mode == "eager" and base_variant(variant)[0] in PROFILED
+            prof = profile_path if profiled else None
             result = measure(
                 spec, variant, mode == "compile", device, args.warmup, args.steps, args.repeats, prof
             )

@@ -95,8 +95,31 @@ def make_optimizer(
     one_d_lr: str = "a",
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """An optimizer over :func:`param_groups` (AdamW by default); extra kwargs go to ``optimizer_cls``."""
+    """An optimizer over :func:`param_groups` (AdamW by default); extra kwargs go to ``optimizer_cls``.
+
+    Adam and AdamW over parameters that all live on CUDA get ``fused=True`` unless the caller chose
+    ``fused`` or ``foreach``: torch's default there (foreach) launches several kernels per group of tensors,
+    and a LoRA model has hundreds of small factors. Over the 224 factors of benchmarks/throughput.py's
+    model the fused step took 1.5 ms against 5.0 ms on an H100 (benchmarks/optimizer_step.py).
+    """
     groups = param_groups(model, lr, ratio, embedding_lr, weight_decay, one_d_lr)
     if not groups:
         raise ValueError(f"make_optimizer: {type(model).__name__} has no trainable parameters")
+    params = [p for group in groups for p in group["params"]]
+    if _fuses_by_default(optimizer_cls, params, optimizer_kwargs):
+        optimizer_kwargs = {**optimizer_kwargs, "fused": True}
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+
+
+def _fuses_by_default(
+    optimizer_cls: type[torch.optim.Optimizer], params: list[torch.Tensor], kwargs: dict[str, Any]
+) -> bool:
+    """Whether :func:`make_optimizer` should ask ``optimizer_cls`` for its fused implementation: Adam or
+    AdamW (torch's own classes), every parameter a floating-point CUDA tensor, and neither ``fused`` nor
+    ``foreach`` chosen by the caller."""
+    return (
+        optimizer_cls in (torch.optim.Adam, torch.optim.AdamW)
+        and not {"fused", "foreach"} & kwargs.keys()
+        and bool(params)
+        and all(p.is_cuda and p.is_floating_point() for p in params)
+    )

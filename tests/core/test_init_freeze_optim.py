@@ -136,3 +136,30 @@ def test_frozen_factors_in_no_group_and_ratio_one_is_plain_lora():
     assert {g["lr"] for g in plain.param_groups} == {1e-3}
     with pytest.raises(ValueError, match="ratio"):
         lorakit.param_groups(model, lr=1e-3, ratio=0)
+
+
+class _FakeCudaParam:
+    """Stands in for a CUDA parameter (CI has no GPU): only what the fused-by-default rule reads."""
+
+    is_cuda = True
+
+    def __init__(self, floating: bool = True) -> None:
+        self.floating = floating
+
+    def is_floating_point(self) -> bool:
+        return self.floating
+
+
+def test_make_optimizer_fuses_adam_on_cuda_only_unless_the_caller_chose():
+    from lorakit.optim import _fuses_by_default
+
+    cuda = [_FakeCudaParam(), _FakeCudaParam()]
+    assert _fuses_by_default(torch.optim.AdamW, cuda, {})
+    assert _fuses_by_default(torch.optim.Adam, cuda, {"betas": (0.9, 0.99)})
+    assert not _fuses_by_default(torch.optim.AdamW, cuda, {"foreach": True})  # the caller's choice stands
+    assert not _fuses_by_default(torch.optim.AdamW, cuda, {"fused": False})
+    assert not _fuses_by_default(torch.optim.SGD, cuda, {})
+    assert not _fuses_by_default(torch.optim.AdamW, [*cuda, torch.zeros(2)], {})  # one CPU tensor
+    assert not _fuses_by_default(torch.optim.AdamW, [_FakeCudaParam(floating=False)], {})
+    model = lorakit.inject(_mlp(), LoraConfig(r=4, targets=["0"]))
+    assert not lorakit.make_optimizer(model, lr=1e-3).defaults["fused"]  # CPU: torch's default

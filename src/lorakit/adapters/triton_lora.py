@@ -456,6 +456,7 @@ if triton is not None:
         b_scaled: list[torch.Tensor] | None,
         u: torch.Tensor | None,
         ranks: tuple[int, ...],
+        config: tuple[int, int, int, int] | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
         """:func:`lora_grad_pass` for the n upstream gradients of a sibling group in one launch (eager only).
 
@@ -463,11 +464,12 @@ if triton is not None:
         r_k), contiguous, in that dtype, or None when no G is wanted. u: [u_1 … u_n] (T × Σr), contiguous,
         or None when no dB is wanted. Returns G = [G_1 … G_n] (T × Σr, grads' dtype), ready for the group's
         one dA GEMM, and dB_k (out_k × r_k, float32 views of one buffer). One launch and one zero fill in
-        place of 2n GEMMs (or n launches of :func:`lora_grad_pass` and n fills).
+        place of 2n GEMMs (or n launches of :func:`lora_grad_pass` and n fills). ``config`` = (BLOCK_M,
+        BLOCK_N, warps, stages) overrides :func:`_grad_pass_config`.
         """
         g0 = grads[0]
         table, meta, db_size = _grad_tables(grads, b_scaled if b_scaled is not None else grads, ranks)
-        block_m, block_n, warps, stages = _grad_pass_config(max(g.shape[1] for g in grads))
+        block_m, block_n, warps, stages = config or _grad_pass_config(max(g.shape[1] for g in grads))
         width = sum(ranks)
         tokens = g0.shape[0]
         g_out = (

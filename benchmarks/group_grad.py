@@ -1,0 +1,102 @@
+"""The one-launch G/dB pass of a sibling group (``triton_lora.lora_grad_pass_group``): block configurations.
+
+For each group of one decoder layer of the default model (q/k/v, o, gate/up, down; T tokens, r = 16, bf16)
+this times the backward's ``G_i = dY_i · s_iB_i`` and ``dB_i = dY_iᵀ u_i`` for the group (``do_bench``
+median, L2 flushed):
+
+* ``cublas``: two GEMMs per sibling, as the library runs without ``fused.GRAD_PASS_IN_EAGER``;
+* one launch of the group kernel at each block configuration (BLOCK_M, BLOCK_N, warps, stages), with G
+  and dB (A and B trained) and with dB only (A frozen).
+
+Every configuration's G and dB are first checked against float64 (bf16 rel. err ≤ 1e-2); the run stops
+at the first that disagrees. The bandwidth counts one read of every dY_i. Totals are per step of the
+16-layer model.
+
+    PYTHONPATH=src python benchmarks/group_grad.py --out out/group_grad.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+from kernel_bench import PROJECTIONS, bench_ms, environment, per_step_parser, rel_err, start
+
+from lorakit.adapters import triton_lora
+from lorakit.utils import atomic_write_json
+
+logger = logging.getLogger("group_grad")
+RANK = 16
+GROUPS = {"q/k/v": ("q", "k", "v"), "o": ("o",), "gate/up": ("gate", "up"), "down": ("down",)}
+CONFIGS = [
+    (block_m, block_n, warps, stages)
+    for block_m, block_n, warps, stages in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4))
+    if block_m * block_n <= 128 * 128 or warps == 8
+]
+
+
+def measure(names: tuple[str, ...], tokens: int) -> dict:
+    outs = [PROJECTIONS[n][1] for n in names]
+    grads = [torch.randn(tokens, o, device="cuda", dtype=torch.bfloat16) for o in outs]
+    b_s = [torch.randn(o, RANK, device="cuda", dtype=torch.bfloat16) * 0.1 for o in outs]
+    u = torch.randn(tokens, RANK * len(outs), device="cuda", dtype=torch.bfloat16)
+    ranks = (RANK,) * len(outs)
+    u_parts = u.split(RANK, dim=1)
+    want_g = torch.cat([g.double() @ b.double() for g, b in zip(grads, b_s, strict=True)], dim=1)
+    want_db = [g.double().t() @ p.double() for g, p in zip(grads, u_parts, strict=True)]
+
+    def cublas(with_g: bool) -> list[torch.Tensor]:
+        out = [torch.ops.aten.mm.dtype(g.t(), p, torch.float32) for g, p in zip(grads, u_parts, strict=True)]
+        return out + [g @ b for g, b in zip(grads, b_s, strict=True)] if with_g else out
+
+    row = {
+        f"cublas_{kind}_ms": bench_ms(lambda w=w: cublas(w), 200)
+        for kind, w in (("g_db", True), ("db", False))
+    }
+    for config in CONFIGS:
+        label = "x".join(map(str, config))
+        for with_g in (True, False):
+            g_cat, d_b = triton_lora.lora_grad_pass_group(grads, b_s if with_g else None, u, ranks, config)
+            errors = [rel_err(d, w) for d, w in zip(d_b, want_db, strict=True)]
+            if with_g:
+                errors.append(rel_err(g_cat, want_g))
+            if max(errors) > 1e-2:
+                error = f"rel. err {max(errors):.2e} against float64"
+                raise SystemExit(f"{'/'.join(names)} config {config}: {error}")
+            left = b_s if with_g else None
+            ms = bench_ms(
+                lambda c=config, b=left: triton_lora.lora_grad_pass_group(grads, b, u, ranks, c), 200
+            )
+            row[f"{label}_{'g_db' if with_g else 'db'}_ms"] = ms
+    nbytes = 2 * tokens * sum(outs)
+    default = "x".join(map(str, triton_lora._grad_pass_config(max(outs))))
+    for kind in ("g_db", "db"):
+        mine = {k[: -len(f"_{kind}_ms")]: v for k, v in row.items() if k.endswith(f"_{kind}_ms")}
+        reference = mine.pop("cublas")
+        best = min(mine, key=mine.get)
+        logger.info(
+            "%-8s %-4s cuBLAS %.1f µs; default %s %.1f µs; best %s %.1f µs (%.2f TB/s)",
+            "/".join(names), kind, reference * 1e3, default, mine[default] * 1e3, best, mine[best] * 1e3,
+            nbytes / mine[best] / 1e9,
+        )  # fmt: skip
+    return row
+
+
+def main() -> None:
+    args = per_step_parser(__doc__, "out/group_grad.json").parse_args()
+    start("group_grad.py", "a CUDA GPU with Triton", torch.cuda.is_available() and triton_lora.AVAILABLE)
+    rows = {label: measure(names, args.tokens) for label, names in GROUPS.items()}
+    totals = {k: args.layers * sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
+    for kind in ("g_db", "db"):
+        mine = {k: v for k, v in totals.items() if k.endswith(f"_{kind}_ms") and not k.startswith("cublas")}
+        best = min(mine, key=mine.get)
+        logger.info(
+            "per step, %s (ms): cuBLAS %.2f; best single configuration %s %.2f",
+            kind, totals[f"cublas_{kind}_ms"], best, mine[best],
+        )  # fmt: skip
+    atomic_write_json(args.out, {"env": environment(vars(args)), "groups": rows, "per_step_ms": totals})
+
+
+if __name__ == "__main__":
+    main()
