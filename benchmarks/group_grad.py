@@ -80,8 +80,8 @@ def measure(names: tuple[str, ...], tokens: int) -> dict:
             )
             row[f"{label}_{'g_db' if with_g else 'db'}_ms"] = ms
     nbytes = 2 * tokens * sum(outs)
-    default = "x".join(map(str, triton_lora._grad_pass_config(max(outs))))
     for kind in ("g_db", "db"):
+        default = "x".join(map(str, triton_lora._group_grad_config(outs, kind == "g_db")))
         mine = {k[: -len(f"_{kind}_ms")]: v for k, v in row.items() if k.endswith(f"_{kind}_ms")}
         reference = mine.pop("cublas")
         best = min(mine, key=mine.get)

@@ -430,6 +430,15 @@ if triton is not None:
         """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
         return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
 
+    def _group_grad_config(widths: list[int], with_g: bool) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, warps, stages) of :func:`_group_grad_kernel`, from benchmarks/group_grad.py
+        (H100, T = 8192, r = 16): a lone layer of up to 2048 outputs that also wants G took 34.3–34.6 µs
+        at (64, 256, 8, 4) against 41.5–42.8 µs at (128, 128, 8, 4), which was within 1% of the fastest
+        for the q/k/v and gate/up groups and for dB alone."""
+        if len(widths) == 1 and widths[0] <= 2048 and with_g:
+            return 64, 256, 8, 4
+        return 128, 128, 8, 4
+
     def _grad_tables(grads, b_scaled, ranks) -> tuple:
         """(table, meta, elements of dB) on the gradients' device, for :func:`_group_grad_kernel`."""
         key = (
@@ -465,11 +474,12 @@ if triton is not None:
         or None when no dB is wanted. Returns G = [G_1 … G_n] (T × Σr, grads' dtype), ready for the group's
         one dA GEMM, and dB_k (out_k × r_k, float32 views of one buffer). One launch and one zero fill in
         place of 2n GEMMs (or n launches of :func:`lora_grad_pass` and n fills). ``config`` = (BLOCK_M,
-        BLOCK_N, warps, stages) overrides :func:`_grad_pass_config`.
+        BLOCK_N, warps, stages) overrides :func:`_group_grad_config`.
         """
         g0 = grads[0]
         table, meta, db_size = _grad_tables(grads, b_scaled if b_scaled is not None else grads, ranks)
-        block_m, block_n, warps, stages = config or _grad_pass_config(max(g.shape[1] for g in grads))
+        widths = [g.shape[1] for g in grads]
+        block_m, block_n, warps, stages = config or _group_grad_config(widths, b_scaled is not None)
         width = sum(ranks)
         tokens = g0.shape[0]
         g_out = (
