@@ -4,7 +4,7 @@ For each group of one decoder layer of the default model (q/k/v, o, gate/up, dow
 this times the backward's ``G_i = dY_i · s_iB_i`` and ``dB_i = dY_iᵀ u_i`` for the group (``do_bench``
 median, L2 flushed):
 
-* ``cublas``: two GEMMs per sibling, as the library runs without ``fused.GRAD_PASS_IN_EAGER``;
+* ``cublas``: two GEMMs per sibling, as the library runs with ``fused.GRAD_PASS_IN_EAGER`` off;
 * one launch of the group kernel at each block configuration (BLOCK_M, BLOCK_N, warps, stages), with G
   and dB (A and B trained) and with dB only (A frozen).
 

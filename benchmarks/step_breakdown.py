@@ -50,7 +50,7 @@ def _part(event) -> str:
 
 def breakdown(variant: str, spec: Spec, device: str, warmup: int = 5) -> dict:
     """Per-part milliseconds per step, and every (part, op, shapes, kernel) row with its time and calls."""
-    fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
+    fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
     fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
     model = apply_variant(build_model(spec, device), variant, spec)
     ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device)

@@ -40,8 +40,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
 # Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton; the
 # fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
-# lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). The one-pass G/dB kernel in eager
-# too (fused.GRAD_PASS_IN_EAGER), alone and with save_merged_weight. The folded GEMM instead of the merged
+# lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). G and dB by two cuBLAS GEMMs per
+# projection in eager (fused.GRAD_PASS_IN_EAGER off; -cublasgrad). The folded GEMM instead of the merged
 # weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
 # adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False). Groups
 # merging each sibling's weight with a launch of its own, lone layers with the per-weight launch
@@ -52,9 +52,8 @@ EXTRA_VARIANTS = [
     "lorakit-mergeonly",
     "lorakit-savemerged",
     "lorakit-frozenA-savemerged",
-    "lorakit-eagergrad",
-    "lorakit-frozenA-eagergrad",
-    "lorakit-savemerged-eagergrad",
+    "lorakit-cublasgrad",
+    "lorakit-frozenA-cublasgrad",
     "lorakit-folded",
     "lorakit-frozenA-folded",
     "lorakit-ungrouped",
@@ -74,9 +73,8 @@ PEER = {
     "lorakit-mergeonly": "peft-bf16",
     "lorakit-savemerged": "peft-bf16",
     "lorakit-frozenA-savemerged": "peft-bf16-frozenA",
-    "lorakit-eagergrad": "peft-bf16",
-    "lorakit-frozenA-eagergrad": "peft-bf16-frozenA",
-    "lorakit-savemerged-eagergrad": "peft-bf16",
+    "lorakit-cublasgrad": "peft-bf16",
+    "lorakit-frozenA-cublasgrad": "peft-bf16-frozenA",
     "lorakit-folded": "peft-bf16",
     "lorakit-frozenA-folded": "peft-bf16-frozenA",
     "lorakit-ungrouped": "peft-bf16",
@@ -95,8 +93,8 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-ungrouped": 0.97,
     "lorakit-mergeeach": 0.95,
     "lorakit-frozenA-mergeeach": 0.97,
-    "lorakit-eagergrad": 0.95,
-    "lorakit-frozenA-eagergrad": 0.97,
+    "lorakit-cublasgrad": 0.95,
+    "lorakit-frozenA-cublasgrad": 0.97,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -104,9 +102,9 @@ PROFILED = (
     "peft-bf16",
     "lorakit",
     "lorakit-savemerged",
-    "lorakit-eagergrad",
+    "lorakit-cublasgrad",
     "lorakit-frozenA",
-    "lorakit-frozenA-eagergrad",
+    "lorakit-frozenA-cublasgrad",
     "lorakit-folded",
     "lorakit-mergeeach",
 )
@@ -173,7 +171,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
         for strategy, p in (
             ("merged", 0.0),
             ("merged+saved", 0.0),
-            ("merged+eagergrad", 0.0),  # the one-pass G/dB kernel, used in eager with GRAD_PASS_IN_EAGER
+            ("merged+cublasgrad", 0.0),  # G and dB by cuBLAS (GRAD_PASS_IN_EAGER off)
             ("addmm", 0.0),
             ("folded", 0.0),  # the Triton GEMM with the LoRA slice folded in (half precision only)
             ("auto", 0.1),
@@ -215,7 +213,8 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
             y.backward(g.to(cast))
             return [y, xs.grad, a_.grad, b_.grad]
 
-        fused.GRAD_PASS_IN_EAGER = strategy.endswith("+eagergrad")
+        default_grad_pass = fused.GRAD_PASS_IN_EAGER
+        fused.GRAD_PASS_IN_EAGER = not strategy.endswith("+cublasgrad")
         try:
             got = run(
                 lora_linear,
@@ -224,7 +223,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
                 save_merged_weight=strategy.endswith("+saved"),
             )
         finally:
-            fused.GRAD_PASS_IN_EAGER = False
+            fused.GRAD_PASS_IN_EAGER = default_grad_pass
         want = run(reference_lora_linear, torch.float64)
         errs, passed = _case_errors(("y", "dx", "dA", "dB"), got, want, dtype)
         ok &= passed
@@ -268,7 +267,7 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(shape, device=device, generator=gen) * scale
 
-    for dtype, train, eagergrad in itertools.product(
+    for dtype, train, grad_pass in itertools.product(
         (torch.bfloat16, torch.float32), ("AB", "B", "A"), (0, 1)
     ):
         case = {
@@ -279,11 +278,12 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
             "B": [randn(o, r, scale=0.1) for o in outs],
             "grads": [randn(tokens // 2, 2, o).to(dtype) for o in outs],
         }
-        fused.GRAD_PASS_IN_EAGER = bool(eagergrad)
+        default_grad_pass = fused.GRAD_PASS_IN_EAGER
+        fused.GRAD_PASS_IN_EAGER = bool(grad_pass)
         try:
             got = _grouped_run(case, dtype, train, group=True)
         finally:
-            fused.GRAD_PASS_IN_EAGER = False
+            fused.GRAD_PASS_IN_EAGER = default_grad_pass
         want = _grouped_run(case, torch.float64, train, group=False)
         n = len(outs)
         names = (
@@ -291,7 +291,7 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
         )
         errs, passed = _case_errors(names, got, want, dtype)
         ok &= passed
-        strategy = "grouped+eagergrad" if eagergrad else "grouped"
+        strategy = "grouped" if grad_pass else "grouped+cublasgrad"
         results.append(
             {"dtype": str(dtype), "train": train, "strategy": strategy, "rel_err": errs, "pass": passed}
         )
@@ -459,7 +459,7 @@ def measure(
     name = variant
     variant, fused_optimizer = base_variant(variant)
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
-    fused.GRAD_PASS_IN_EAGER = variant.endswith("-eagergrad")
+    fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
     fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
     fused.FOLDED_GEMM = variant.endswith("-folded")
     model = apply_variant(build_model(spec, device), variant, spec)

@@ -73,10 +73,12 @@ def _triton_kernels_from_env(value: str) -> frozenset[str]:
 #: read of dY) and "gemm" (the base GEMM with the LoRA slice folded in, the "folded" strategy). Set from
 #: ``LORAKIT_TRITON``; assign a set here to change it in-process.
 TRITON_KERNELS = _triton_kernels_from_env(os.environ.get("LORAKIT_TRITON", "1"))
-#: Also use the one-pass G/dB kernel in eager (it is always used under ``torch.compile``). Off by default:
-#: its Python launch costs more host time than the two cuBLAS GEMMs it replaces, and eager LoRA steps are
-#: bound by host time; on the H100 host it lost 3–8% of eager throughput (benchmarks/RESULTS.md).
-GRAD_PASS_IN_EAGER = False
+#: Also read dY once for G and dB in eager (under ``torch.compile`` the one-pass kernel always runs): one
+#: launch per sibling group (:func:`triton_lora.lora_grad_pass_group`, where :func:`_grad_group_applies`)
+#: in place of two cuBLAS GEMMs per sibling. On H100s it took 1.3 ms of GPU time per step off a 16-layer
+#: Llama step with A and B trained (none with A frozen), and the eager step was 0.5–2.3% faster on steady
+#: hosts in the same process (benchmarks/RESULTS.md, "One G/dB launch per sibling group"). False: cuBLAS.
+GRAD_PASS_IN_EAGER = True
 #: Let ``strategy="auto"`` run the folded GEMM (one Triton GEMM per projection with the LoRA slice folded in)
 #: where merging would be picked and the kernel applies. Off by default: on an H100 it was 0.95–1.02 × the
 #: merged strategy's time per GEMM at the large projections, but not faster per compiled training step
@@ -131,9 +133,9 @@ def _use_triton(kernel: str, t: torch.Tensor) -> bool:
 
 
 def _use_grad_pass(g: torch.Tensor) -> bool:
-    """The one-pass G/dB kernel: under ``torch.compile`` always, in eager only with
-    :data:`GRAD_PASS_IN_EAGER`. It saves GPU time (1.8× faster than the two cuBLAS GEMMs) but its Python
-    launch costs more CPU than they do (benchmarks/RESULTS.md)."""
+    """The one-pass G/dB kernel on strided operands (the launch with every stride as an argument): under
+    ``torch.compile`` always, in eager with :data:`GRAD_PASS_IN_EAGER` where the table launch of
+    :func:`_grad_group_applies` does not apply."""
     return (
         g.dtype in (torch.bfloat16, torch.float16)
         and _use_triton("grad", g)
