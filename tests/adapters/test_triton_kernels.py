@@ -235,8 +235,26 @@ def test_fused_function_with_the_folded_gemm_matches_float64_under_the_interpret
     _interpret(FOLDED_FUNCTION_CHECK)
 
 
-GROUP_MERGE_CHECK = textwrap.dedent(
+#: An attention-like block whose q/k/v read one input and whose o reads another (``Attention``), for the
+#: checks below that count kernel launches in an injected model.
+ATTENTION = textwrap.dedent(
     """
+    import lorakit
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
+    """
+)
+
+GROUP_MERGE_CHECK = (
+    textwrap.dedent(
+        """
     import torch
     from lorakit.adapters import fused, grouped
     from lorakit.adapters import triton_lora as tk
@@ -290,17 +308,11 @@ GROUP_MERGE_CHECK = textwrap.dedent(
     assert worst < 1e-2, worst
 
     # in a model: q/k/v read one input (one launch for the three), o reads another (a launch of its own)
-    import lorakit
-    from torch import nn
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
-
-        def forward(self, x):
-            return self.o(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
-
+    """
+    )
+    + ATTENTION
+    + textwrap.dedent(
+        """
     for train in ("AB", "B"):  # with train="B", A is a frozen buffer
         torch.manual_seed(0)
         model = Attention()
@@ -315,6 +327,7 @@ GROUP_MERGE_CHECK = textwrap.dedent(
             model(x).square().sum().backward()
         assert sizes == [1] * 8 + [3, 1, 1, 3] * 2, (train, sizes)  # the first forward probes: one by one
     """
+    )
 )
 
 
@@ -324,8 +337,9 @@ def test_group_merge_kernel_and_grouped_function_under_the_interpreter() -> None
     _interpret(GROUP_MERGE_CHECK)
 
 
-GROUP_GRAD_CHECK = textwrap.dedent(
-    """
+GROUP_GRAD_CHECK = (
+    textwrap.dedent(
+        """
     import torch
     from lorakit.adapters import fused, grouped
     from lorakit.adapters import triton_lora as tk
@@ -391,17 +405,11 @@ GROUP_GRAD_CHECK = textwrap.dedent(
     assert worst < 1e-2, worst
 
     # in a model: q/k/v's upstream gradients in one launch, o's in a launch of its own (n = 1)
-    import lorakit
-    from torch import nn
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
-
-        def forward(self, x):
-            return self.o(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
-
+    """
+    )
+    + ATTENTION
+    + textwrap.dedent(
+        """
     for train in ("AB", "B"):  # with train="B", A is a frozen buffer: dB only
         torch.manual_seed(0)
         model = Attention().half()
@@ -416,6 +424,7 @@ GROUP_GRAD_CHECK = textwrap.dedent(
         # the first forward probes (one by one); then o, and q/k/v as one
         assert launches == [1, 1, 1, 1] + [1, 3] * 2, (train, launches)
     """
+    )
 )
 
 
