@@ -76,8 +76,9 @@ TRITON_KERNELS = _triton_kernels_from_env(os.environ.get("LORAKIT_TRITON", "1"))
 #: Also read dY once for G and dB in eager (under ``torch.compile`` the one-pass kernel always runs): one
 #: launch per sibling group (:func:`triton_lora.lora_grad_pass_group`, where :func:`_grad_group_applies`)
 #: in place of two cuBLAS GEMMs per sibling. On H100s it took 1.3 ms of GPU time per step off a 16-layer
-#: Llama step with A and B trained (none with A frozen), and the eager step was 0.5–2.3% faster on steady
-#: hosts in the same process (benchmarks/RESULTS.md, "One G/dB launch per sibling group"). False: cuBLAS.
+#: Llama step with A and B trained (none with A frozen), and the eager step was a median 3% faster over 7
+#: same-process comparisons, +0.5% to +16.5% (benchmarks/RESULTS.md, "One G/dB launch per sibling group").
+#: False: cuBLAS.
 GRAD_PASS_IN_EAGER = True
 #: Let ``strategy="auto"`` run the folded GEMM (one Triton GEMM per projection with the LoRA slice folded in)
 #: where merging would be picked and the kernel applies. Off by default: on an H100 it was 0.95–1.02 × the

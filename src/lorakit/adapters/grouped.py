@@ -82,7 +82,6 @@ class _LoraGroupFunction(torch.autograd.Function):
         kept = saved[3 * n :]
         dx = None
         d_a: list[torch.Tensor | None] = [None] * n
-        d_b: list[torch.Tensor | None] = [None] * n
         if need_dx and kept[0] is None:
             dtype = next(g for g in grads if g is not None).dtype
             merged, _, b_scaled = _merge_siblings(
