@@ -26,9 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from throughput import Spec, apply_variant, build_model, make_step
+from throughput import Spec, apply_variant, build_model, make_step, set_library_flags
 
-from lorakit.adapters import fused
 from lorakit.utils import atomic_write, atomic_write_json
 
 logger = logging.getLogger("step_breakdown")
@@ -50,11 +49,10 @@ def _part(event) -> str:
 
 def breakdown(variant: str, spec: Spec, device: str, warmup: int = 5) -> dict:
     """Per-part milliseconds per step, and every (part, op, shapes, kernel) row with its time and calls."""
-    fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
-    fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
-    model = apply_variant(build_model(spec, device), variant, spec)
+    base, fused_optimizer = set_library_flags(variant)
+    model = apply_variant(build_model(spec, device), base, spec)
     ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device)
-    step, _ = make_step(model, ids, compiled=False)
+    step, _ = make_step(model, ids, False, fused_optimizer)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()

@@ -120,6 +120,17 @@ def base_variant(variant: str) -> tuple[str, bool]:
     return variant.removesuffix(FUSED_OPTIMIZER), variant.endswith(FUSED_OPTIMIZER)
 
 
+def set_library_flags(variant: str) -> tuple[str, bool]:
+    """Set lorakit's module switches for ``variant`` (``fused.TRITON_KERNELS``, ``GRAD_PASS_IN_EAGER``,
+    ``ONE_LAUNCH_MERGE``, ``FOLDED_GEMM``); returns :func:`base_variant`'s pair."""
+    variant, fused_optimizer = base_variant(variant)
+    fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
+    fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
+    fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
+    fused.FOLDED_GEMM = variant.endswith("-folded")
+    return variant, fused_optimizer
+
+
 @dataclass(frozen=True)
 class Spec:
     layers: int = 16
@@ -457,11 +468,7 @@ def measure(
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     name = variant
-    variant, fused_optimizer = base_variant(variant)
-    fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
-    fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
-    fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
-    fused.FOLDED_GEMM = variant.endswith("-folded")
+    variant, fused_optimizer = set_library_flags(variant)
     model = apply_variant(build_model(spec, device), variant, spec)
     info = describe_dtypes(model)
     ids = torch.randint(

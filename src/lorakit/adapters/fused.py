@@ -189,11 +189,20 @@ def _one_launch_applies(transposed: bool, tensors: tuple[torch.Tensor, ...]) -> 
     return (
         ONE_LAUNCH_MERGE
         and not transposed
-        and not torch.compiler.is_compiling()
-        and not _capturing(tensors[0])
-        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+        and _table_launch_allowed(tensors)
         and len({t.dtype for t in tensors[len(tensors) // 3 :]}) == 1
         and sum(w.numel() for w in tensors[: len(tensors) // 3]) < 2**31  # the kernel's int32 offsets
+    )
+
+
+def _table_launch_allowed(tensors: Sequence[torch.Tensor]) -> bool:
+    """What every launch from a cached device table of addresses needs (:func:`_one_launch_applies`,
+    :func:`_grad_group_applies`): eager, no CUDA-graph capture (see :func:`_one_launch_applies`), and every
+    tensor contiguous at a 16-byte aligned address, as the kernels are compiled for that."""
+    return (
+        not torch.compiler.is_compiling()
+        and not _capturing(tensors[0])
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
     )
 
 
@@ -214,9 +223,8 @@ def _grad_group_applies(
         and (b_scaled is not None or u is not None)
         and g0.dtype in (torch.bfloat16, torch.float16)
         and _use_triton("grad", g0)
-        and not torch.compiler.is_compiling()
-        and not _capturing(g0)
-        and all(t.dtype == g0.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in operands)
+        and _table_launch_allowed(operands)
+        and all(t.dtype == g0.dtype for t in operands)
         and all(g.shape[1] % 16 == 0 and g.numel() < 2**31 for g in grads)
     )
 

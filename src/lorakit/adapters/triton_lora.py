@@ -140,15 +140,26 @@ if triton is not None:
 
     @triton.jit
     def _rows_block(
-        a_ptr, right_ptr, cols_ptr, u, rm, m_ok, N, R, s_am, s_an, s_rn, s_rk,
+        a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr, rm, M, N, R, col0,
+        s_am, s_an, s_rn, s_rk, s_um, s_uk, s_rows,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     ):  # fmt: skip
-        """Rows ``rm`` of ``a`` (M×N), read once across all N columns: returns their ``a @ right``
-        (BLOCK_M × BLOCK_R, float32) and, with ``HAS_COLS``, atomically adds their ``aᵀ @ u`` into ``cols``
-        (N×R, float32, contiguous); ``u`` is this block's rows of u, already loaded."""
+        """Rows ``rm`` of ``a`` (M×N), read once across all N columns: stores their ``a @ right`` into
+        ``rows`` (columns col0 … col0 + R, row stride ``s_rows``, rows' dtype) and, with ``HAS_COLS``,
+        atomically adds their ``aᵀ @ u`` into ``cols`` (N×R, float32, contiguous, zero-initialised), where u
+        is columns col0 … col0 + R of ``u_ptr``. ``rows`` is reduced in registers and stored once; ``cols``
+        gets one atomic add per column block."""
         rk = tl.arange(0, BLOCK_R)
+        m_ok = rm < M
         k_ok = rk < R
+        u = None
+        if HAS_COLS:
+            u = tl.load(
+                u_ptr + rm[:, None] * s_um + (col0 + rk)[None, :] * s_uk,
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
@@ -171,7 +182,12 @@ if triton is not None:
                     mask=n_ok[:, None] & k_ok[None, :],
                     sem="relaxed",
                 )
-        return acc
+        if HAS_ROWS:
+            tl.store(
+                rows_ptr + rm[:, None] * s_rows + (col0 + rk)[None, :],
+                acc.to(rows_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & k_ok[None, :],
+            )
 
     @triton.jit
     def _rows_kernel(
@@ -183,29 +199,14 @@ if triton is not None:
     ):  # fmt: skip
         """One pass over ``a`` (M×N, read once): ``rows = a @ right`` (M×R) and ``cols += aᵀ @ u`` (N×R).
 
-        Each program owns BLOCK_M rows and walks all N columns: ``rows`` is reduced in registers and
-        stored once in rows' dtype; ``cols`` (float32, zero-initialised) gets one atomic add per row block.
+        Each program owns BLOCK_M rows and walks all N columns (:func:`_rows_block`).
         """
-        pid = tl.program_id(0)
-        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_R)
-        m_ok = rm < M
-        k_ok = rk < R
-        u = None
-        if HAS_COLS:
-            u = tl.load(
-                u_ptr + rm[:, None] * s_um + rk[None, :] * s_uk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
-            )
-        acc = _rows_block(
-            a_ptr, right_ptr, cols_ptr, u, rm, m_ok, N, R, s_am, s_an, s_rn, s_rk,
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        _rows_block(
+            a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr, rm, M, N, R, 0,
+            s_am, s_an, s_rn, s_rk, s_um, s_uk, R,
             BLOCK_M, BLOCK_N, BLOCK_R, HAS_ROWS, HAS_COLS,
         )  # fmt: skip
-        if HAS_ROWS:
-            tl.store(
-                rows_ptr + rm[:, None] * R + rk[None, :],
-                acc.to(rows_ptr.dtype.element_ty),
-                mask=m_ok[:, None] & k_ok[None, :],
-            )
 
     @triton.jit
     def _group_grad_kernel(
@@ -221,7 +222,6 @@ if triton is not None:
         T × U_W and ``g_out`` T × G_W, contiguous; dB (float32, zero-initialised) holds every dB_k, one
         after another.
         """
-        pid = tl.program_id(0)
         k = tl.program_id(1)
         # out_k is stored divided by 16 so that the compiler sees every row of dY_k start 16-byte aligned
         # (the caller checks out_k % 16 == 0): vectorised loads, as the merge kernel's hints give it.
@@ -232,27 +232,12 @@ if triton is not None:
         element = tl.pointer_type(like_ptr.dtype.element_ty)
         dy_ptr = tl.multiple_of(tl.load(table + k * 2).to(element), 16)
         b_ptr = tl.multiple_of(tl.load(table + k * 2 + 1).to(element), 16)
-        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_R)
-        m_ok = rm < T
-        k_ok = rk < R
-        u = None
-        if HAS_DB:
-            u = tl.load(
-                u_ptr + rm[:, None] * U_W + (col0 + rk)[None, :],
-                mask=m_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-        acc = _rows_block(
-            dy_ptr, b_ptr, db_ptr + db0, u, rm, m_ok, N, R, N, 1, R, 1,
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        _rows_block(
+            dy_ptr, b_ptr, u_ptr, g_out_ptr, db_ptr + db0, rm, T, N, R, col0,
+            N, 1, R, 1, U_W, 1, G_W,
             BLOCK_M, BLOCK_N, BLOCK_R, HAS_G, HAS_DB,
         )  # fmt: skip
-        if HAS_G:
-            tl.store(
-                g_out_ptr + rm[:, None] * G_W + (col0 + rk)[None, :],
-                acc.to(g_out_ptr.dtype.element_ty),
-                mask=m_ok[:, None] & k_ok[None, :],
-            )
 
     def _launch(
         kernel,
