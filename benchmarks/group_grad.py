@@ -5,8 +5,9 @@ this times the backward's ``G_i = dY_i · s_iB_i`` and ``dB_i = dY_iᵀ u_i`` fo
 median, L2 flushed):
 
 * ``cublas``: two GEMMs per sibling, as the library runs with ``fused.GRAD_PASS_IN_EAGER`` off;
-* one launch of the group kernel at each block configuration (BLOCK_M, BLOCK_N, warps, stages), with G
-  and dB (A and B trained) and with dB only (A frozen).
+* one launch of the group kernel at each configuration (BLOCK_M, BLOCK_N, warps, stages, CHUNK), with G
+  and dB (A and B trained) and with dB only (A frozen). CHUNK > 0 splits each member's columns into
+  chunks of that many, each its own program (partial G rows summed in float32); 0 keeps one per member.
 
 Configurations that do not fit in shared memory are skipped. Every other one's G and dB are first checked
 against float64 (bf16 rel. err ≤ 1e-2); the run stops at the first that disagrees. The bandwidth counts one
@@ -17,7 +18,6 @@ read of every dY_i. Totals are per step of the 16-layer model.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
@@ -34,10 +34,22 @@ from lorakit.utils import atomic_write_json
 logger = logging.getLogger("group_grad")
 RANK = 16
 GROUPS = {"q/k/v": ("q", "k", "v"), "o": ("o",), "gate/up": ("gate", "up"), "down": ("down",)}
+#: (BLOCK_M, BLOCK_N, warps, stages, CHUNK): tiles near the fastest of the earlier grids (H100), and tiles of
+#: 256 rows (half the float32 atomic adds into dB of 128), each with every member in one chunk (CHUNK 0, one
+#: program per row block and member) and split into column chunks (more programs than row blocks alone give)
 CONFIGS = [
-    (block_m, block_n, warps, stages)
-    for block_m, block_n, warps, stages in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4))
-    if block_m * block_n <= 128 * 128 or warps == 8
+    (*tile, chunk)
+    for tile in (
+        (64, 128, 8, 4),
+        (128, 128, 8, 4),
+        (128, 64, 4, 4),
+        (256, 64, 8, 3),
+        (256, 64, 8, 4),
+        (256, 32, 4, 4),
+        (256, 128, 8, 3),
+    )
+    for chunk in (0, 256, 512, 1024, 2048)
+    if chunk % tile[1] == 0
 ]
 
 

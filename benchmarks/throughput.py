@@ -45,7 +45,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # weight (fused.FOLDED_GEMM: one Triton GEMM per projection with the LoRA slice in its reduction). Every
 # adapted layer on its own, without sibling groups for q/k/v and gate/up (group_siblings=False). Groups
 # merging each sibling's weight with a launch of its own, lone layers with the per-weight launch
-# (fused.ONE_LAUNCH_MERGE off).
+# (fused.ONE_LAUNCH_MERGE off). Backward rebuilding the merged weight for dX everywhere, also where
+# dX = (G·sB) A + G W0 moves fewer bytes (fused.UNMERGED_INPUT_GRAD off; -remerge).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -60,6 +61,8 @@ EXTRA_VARIANTS = [
     "lorakit-frozenA-ungrouped",
     "lorakit-mergeeach",
     "lorakit-frozenA-mergeeach",
+    "lorakit-remerge",
+    "lorakit-frozenA-remerge",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -81,6 +84,8 @@ PEER = {
     "lorakit-frozenA-ungrouped": "peft-bf16-frozenA",
     "lorakit-mergeeach": "peft-bf16",
     "lorakit-frozenA-mergeeach": "peft-bf16-frozenA",
+    "lorakit-remerge": "peft-bf16",
+    "lorakit-frozenA-remerge": "peft-bf16-frozenA",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -95,6 +100,8 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-mergeeach": 0.97,
     "lorakit-cublasgrad": 0.95,
     "lorakit-frozenA-cublasgrad": 0.97,
+    "lorakit-remerge": 0.95,
+    "lorakit-frozenA-remerge": 0.97,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -107,6 +114,8 @@ PROFILED = (
     "lorakit-frozenA-cublasgrad",
     "lorakit-folded",
     "lorakit-mergeeach",
+    "lorakit-remerge",
+    "lorakit-frozenA-remerge",
 )
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 # Any variant + this suffix steps AdamW(fused=True) (one kernel per step) instead of torch's default on CUDA
@@ -122,12 +131,13 @@ def base_variant(variant: str) -> tuple[str, bool]:
 
 def set_library_flags(variant: str) -> tuple[str, bool]:
     """Set lorakit's module switches for ``variant`` (``fused.TRITON_KERNELS``, ``GRAD_PASS_IN_EAGER``,
-    ``ONE_LAUNCH_MERGE``, ``FOLDED_GEMM``); returns :func:`base_variant`'s pair."""
+    ``ONE_LAUNCH_MERGE``, ``FOLDED_GEMM``, ``UNMERGED_INPUT_GRAD``); returns :func:`base_variant`'s pair."""
     variant, fused_optimizer = base_variant(variant)
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
     fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
     fused.FOLDED_GEMM = variant.endswith("-folded")
+    fused.UNMERGED_INPUT_GRAD = not variant.endswith("-remerge")
     return variant, fused_optimizer
 
 
@@ -183,6 +193,9 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
             ("merged", 0.0),
             ("merged+saved", 0.0),
             ("merged+cublasgrad", 0.0),  # G and dB by cuBLAS (GRAD_PASS_IN_EAGER off)
+            # dX on the rebuilt merged weight also where (G·sB) A + G W0 moves fewer bytes: the Linear case
+            # (T = 4096 < 2·out) runs without it otherwise (UNMERGED_INPUT_GRAD off)
+            ("merged+remerge", 0.0),
             ("addmm", 0.0),
             ("folded", 0.0),  # the Triton GEMM with the LoRA slice folded in (half precision only)
             ("auto", 0.1),
@@ -224,8 +237,8 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
             y.backward(g.to(cast))
             return [y, xs.grad, a_.grad, b_.grad]
 
-        default_grad_pass = fused.GRAD_PASS_IN_EAGER
         fused.GRAD_PASS_IN_EAGER = not strategy.endswith("+cublasgrad")
+        fused.UNMERGED_INPUT_GRAD = not strategy.endswith("+remerge")
         try:
             got = run(
                 lora_linear,
@@ -234,7 +247,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
                 save_merged_weight=strategy.endswith("+saved"),
             )
         finally:
-            fused.GRAD_PASS_IN_EAGER = default_grad_pass
+            set_library_flags("lorakit")  # the defaults
         want = run(reference_lora_linear, torch.float64)
         errs, passed = _case_errors(("y", "dx", "dA", "dB"), got, want, dtype)
         ok &= passed
@@ -270,7 +283,8 @@ def _grouped_run(case: dict, cast: torch.dtype, train: str, group: bool) -> list
 
 def check_grouped(device: str, tokens: int = 4096) -> dict:
     """Sibling groups (``grouped.lora_linear_group``, bf16 and fp32, with and without the one-pass G/dB
-    kernel) vs the reference in float64 per sibling: three siblings of one input, with biases."""
+    kernel) vs the reference in float64 per sibling: three siblings of one input, with biases, at ``tokens``
+    (T ≥ 2·Σout: backward's dX on the rebuilt merged weights) and ``tokens // 4`` (dX without them)."""
     results, ok = [], True
     gen = torch.Generator(device=device).manual_seed(4321)
     in_f, outs, r = 1024, (1024, 256, 256), 16
@@ -278,23 +292,22 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(shape, device=device, generator=gen) * scale
 
-    for dtype, train, grad_pass in itertools.product(
-        (torch.bfloat16, torch.float32), ("AB", "B", "A"), (0, 1)
+    for dtype, train, grad_pass, rows in itertools.product(
+        (torch.bfloat16, torch.float32), ("AB", "B", "A"), (0, 1), (tokens, tokens // 4)
     ):
         case = {
-            "x": randn(tokens // 2, 2, in_f).to(dtype),
+            "x": randn(rows // 2, 2, in_f).to(dtype),
             "W": [randn(o, in_f, scale=in_f**-0.5).to(dtype) for o in outs],
             "bias": [randn(o).to(dtype) for o in outs],
             "A": [randn(r, in_f, scale=in_f**-0.5) for _ in outs],
             "B": [randn(o, r, scale=0.1) for o in outs],
-            "grads": [randn(tokens // 2, 2, o).to(dtype) for o in outs],
+            "grads": [randn(rows // 2, 2, o).to(dtype) for o in outs],
         }
-        default_grad_pass = fused.GRAD_PASS_IN_EAGER
         fused.GRAD_PASS_IN_EAGER = bool(grad_pass)
         try:
             got = _grouped_run(case, dtype, train, group=True)
         finally:
-            fused.GRAD_PASS_IN_EAGER = default_grad_pass
+            set_library_flags("lorakit")
         want = _grouped_run(case, torch.float64, train, group=False)
         n = len(outs)
         names = (
@@ -302,7 +315,9 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
         )
         errs, passed = _case_errors(names, got, want, dtype)
         ok &= passed
-        strategy = "grouped" if grad_pass else "grouped+cublasgrad"
+        strategy = ("grouped" if grad_pass else "grouped+cublasgrad") + (
+            "" if fused._merge_for_input_grad(rows, sum(outs)) else "+unmergeddx"
+        )
         results.append(
             {"dtype": str(dtype), "train": train, "strategy": strategy, "rel_err": errs, "pass": passed}
         )

@@ -64,24 +64,41 @@ def test_fused_matches_reference(dtype, train, transposed, p, strategy):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("train", ["AB", "B", "A"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-def test_saved_merged_weight_matches_reference_and_skips_the_second_merge(
-    dtype, train, transposed, monkeypatch
-):
+def test_merged_strategy_input_grad_saved_rebuilt_or_unmerged(dtype, train, transposed, monkeypatch):
+    """The merged strategy's backward: on the merged weight saved by forward, on one it rebuilds, or as
+    dX = (G·sB) A + G W0 without it (15 tokens < 2·out = 20, A trained); one function all three ways."""
     inputs = make_inputs(dtype, train, transposed, bias=True, seed=3 + len(train))
     merges = []
     real_merge = fused._merge
     monkeypatch.setattr(fused, "_merge", lambda *args: merges.append(1) or real_merge(*args))
     got = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged", save_merged_weight=True)
     assert len(merges) == 1, "backward rebuilt the merged weight although forward saved it"
+    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", False)
     rebuilt = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged")
     assert len(merges) == 3, "without save_merged_weight, backward rebuilds the merged weight"
+    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", True)
+    unmerged = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged")
+    # with A frozen no G = dY·sB is computed for dA, and backward rebuilds the merged weight after all
+    assert len(merges) == (4 if "A" in train else 5), "with few tokens and A trained, dX needs no merge"
     want = run(reference_lora_linear, *inputs, 0.0, transposed, None)
-    for name, g, r, w in zip(("y", "dx", "dA", "dB"), got, rebuilt, want, strict=True):
+    for name, g, r, m, w in zip(("y", "dx", "dA", "dB"), got, rebuilt, unmerged, want, strict=True):
         if w is None:
-            assert g is None, f"{name}: frozen factor got a gradient"
+            assert g is None and m is None, f"{name}: frozen factor got a gradient"
             continue
         assert torch.equal(g, r), f"{name}: saved and rebuilt merged weight give different results"
         assert rel_err(g, w) <= TOL[dtype], f"{name}: rel err {rel_err(g, w):.3g}"
+        assert rel_err(m, w) <= TOL[dtype], f"{name} without the merged weight: rel err {rel_err(m, w):.3g}"
+
+
+def test_input_grad_merges_only_where_that_moves_fewer_bytes(monkeypatch):
+    # the 16-layer Llama of benchmarks/throughput.py at 8192 tokens: q/k/v (Σout 3072) merge, gate/up not
+    assert fused._merge_for_input_grad(8192, 3072) and fused._merge_for_input_grad(8192, 4096)
+    assert not fused._merge_for_input_grad(8192, 16384) and not fused._merge_for_input_grad(8191, 4096)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # measured slower compiled
+    assert fused._merge_for_input_grad(8192, 16384)
+    monkeypatch.undo()
+    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", False)
+    assert fused._merge_for_input_grad(8192, 16384)
 
 
 def test_same_seed_same_dropout_mask():

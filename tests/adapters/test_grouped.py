@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.adapters import LoraLinear, grouped
+from lorakit.adapters import LoraLinear, fused, grouped
 from lorakit.adapters.fused import reference_lora_linear
 
 IN, OUTS, RANKS = 12, (10, 6, 6), (4, 2, 3)
@@ -57,7 +57,13 @@ def run(case: dict, group: bool, used: tuple[int, ...] = (0, 1, 2)) -> list[torc
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("train", ["AB", "B", "A"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-def test_group_matches_reference_per_sibling(dtype, train, transposed):
+@pytest.mark.parametrize("unmerged_dx", [True, False], ids=["dx-unmerged", "dx-merged"])
+def test_group_matches_reference_per_sibling(dtype, train, transposed, unmerged_dx, monkeypatch):
+    # 15 tokens < 2·Σout = 44: backward's dX skips the merged weights unless that is switched off
+    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", unmerged_dx)
+    merges = []
+    real = grouped._merge_siblings
+    monkeypatch.setattr(grouped, "_merge_siblings", lambda *a, **k: merges.append(1) or real(*a, **k))
     case = siblings(dtype, train, transposed, seed=len(train) + 5 * transposed)
     got, want = run(case, group=True), run(case, group=False)
     for k, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -66,9 +72,13 @@ def test_group_matches_reference_per_sibling(dtype, train, transposed):
             continue
         assert g.dtype == w.dtype and g.shape == w.shape, k
         assert rel_err(g, w) <= TOL[dtype], f"output {k}: rel err {rel_err(g, w):.3g}"
+    unmerged_dx &= "A" in train  # with A frozen no G_i is computed for dA_i: backward merges after all
+    assert len(merges) == (1 if unmerged_dx else 2), "backward merged the weights iff dX needs them"
 
 
-def test_unused_sibling_output_gets_no_gradient():
+@pytest.mark.parametrize("unmerged_dx", [True, False], ids=["dx-unmerged", "dx-merged"])
+def test_unused_sibling_output_gets_no_gradient(unmerged_dx, monkeypatch):
+    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", unmerged_dx)
     case = siblings(torch.float64, "AB", False, seed=3)
     got, want = run(case, group=True, used=(0, 2)), run(case, group=False, used=(0, 2))
     n = len(OUTS)

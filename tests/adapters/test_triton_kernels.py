@@ -114,6 +114,7 @@ FUNCTION_CHECK = FUSED_VS_FLOAT64 + textwrap.dedent(
     tk.merge_lora_weights = counted("table merge", tk.merge_lora_weights)
     tk.lora_grad_pass = counted("grad", tk.lora_grad_pass)
     fused.GRAD_PASS_IN_EAGER = True
+    fused.UNMERGED_INPUT_GRAD = False  # backward rebuilds the merged weight, whatever the token count
     torch.manual_seed(0)
     worst = max(fused_vs_float64("merged", transposed) for transposed in (False, True))
     print(worst, calls)
@@ -122,6 +123,10 @@ FUNCTION_CHECK = FUSED_VS_FLOAT64 + textwrap.dedent(
     fused.ONE_LAUNCH_MERGE = False  # the per-weight launch for Linear too
     worst = max(worst, fused_vs_float64("merged", False))
     assert calls == {"merge": 4, "table merge": 2, "grad": 3}, calls
+    # 15 tokens < 2·out: backward's dX = (G·sB) A + G W0, so the forward's merge is the only one
+    fused.UNMERGED_INPUT_GRAD = True
+    worst = max(worst, *(fused_vs_float64("merged", transposed) for transposed in (False, True)))
+    assert calls == {"merge": 6, "table merge": 2, "grad": 5}, calls
     assert worst < 1e-2, worst
     """
 )
@@ -282,7 +287,10 @@ GROUP_MERGE_CHECK = (
     real = tk.merge_lora_weights
     tk.merge_lora_weights = lambda *args: launches.append(1) or real(*args)
     worst = 0.0
-    for train_a, train_b in (((1, 1, 1), (1, 1, 1)), ((1, 0, 1), (0, 1, 1)), ((0, 0, 0), (1, 1, 1))):
+    mixes = (((1, 1, 1), (1, 1, 1)), ((1, 0, 1), (0, 1, 1)), ((0, 0, 0), (1, 1, 1)))
+    # 24 tokens < 2·Σout: backward's dX skips the merged weights unless UNMERGED_INPUT_GRAD is off
+    for unmerged, (train_a, train_b) in [(u, mix) for u in (False, True) for mix in mixes]:
+        fused.UNMERGED_INPUT_GRAD = unmerged
         x = torch.randn(4, 6, n_cols)
         grads = [torch.randn(4, 6, m) for m in rows]
         outs = []
@@ -304,8 +312,10 @@ GROUP_MERGE_CHECK = (
             if want is not None:
                 worst = max(worst, float((got.double() - want.detach()).norm() / want.detach().norm()))
     print(worst, len(launches))
-    assert len(launches) == 6, launches  # forward and backward, once per group call
+    # once per group call in forward, and in backward unless dX is unmerged (every sibling trains A)
+    assert len(launches) == 6 + 5, launches
     assert worst < 1e-2, worst
+    fused.UNMERGED_INPUT_GRAD = False
 
     # in a model: q/k/v read one input (one launch for the three), o reads another (a launch of its own)
     """
@@ -351,8 +361,13 @@ GROUP_GRAD_CHECK = (
     grads = [torch.randn(tokens, n).half() for n in widths]
     b_s = [torch.randn(n, r).half() for n, r in zip(widths, ranks)]
     u = torch.randn(tokens, sum(ranks)).half()
-    for with_g, with_db in ((True, True), (True, False), (False, True)):
-        g_cat, d_bs = tk.lora_grad_pass_group(grads, b_s if with_g else None, u if with_db else None, ranks)
+    # the default configuration, and one that splits members into chunks of 16 and 32 columns (partial G rows
+    # summed in float32, the last chunk of a row block to arrive storing them)
+    for with_g, with_db, config in [
+        (g, d, c) for g, d in ((True, True), (True, False), (False, True)) for c in (None, (16, 16, 4, 1, 32))
+    ]:
+        left = b_s if with_g else None
+        g_cat, d_bs = tk.lora_grad_pass_group(grads, left, u if with_db else None, ranks, config)
         assert (g_cat is None) != with_g and (d_bs is None) != with_db
         col = 0
         for k, (g, b, r) in enumerate(zip(grads, b_s, ranks)):
@@ -375,7 +390,9 @@ GROUP_GRAD_CHECK = (
     n_cols, scalings = 32, [0.5, 2.0, 1.5]
     worst = 0.0
     mixes = (((1, 1, 1), (1, 1, 1)), ((0, 0, 0), (1, 1, 1)), ((1, 1, 1), (0, 0, 0)), ((1, 0, 1), (0, 1, 1)))
-    for train_a, train_b in mixes:
+    # 24 tokens < 2·Σout: dX skips the merged weights (then every sibling wants G) unless switched off
+    for unmerged, (train_a, train_b) in [(u, mix) for u in (False, True) for mix in mixes]:
+        fused.UNMERGED_INPUT_GRAD = unmerged
         launches.clear()
         x = torch.randn(4, 6, n_cols)
         gs = [torch.randn(4, 6, m) for m in widths]

@@ -89,6 +89,9 @@ FOLDED_GEMM = False
 #: launch per sibling group, and a launch with fewer arguments for a lone layer. False: the per-weight
 #: launch of :func:`triton_lora.merge_lora_weight` everywhere.
 ONE_LAUNCH_MERGE = True
+#: Let the ``"merged"`` strategy's backward compute dX without the merged weight where that moves fewer
+#: bytes (:func:`_merge_for_input_grad`). False: backward always rebuilds the merged weight.
+UNMERGED_INPUT_GRAD = True
 STRATEGIES = ("auto", "merged", "addmm", "folded")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
@@ -309,6 +312,23 @@ def _pick_strategy(
     return "merged"
 
 
+def _merge_for_input_grad(tokens: int, out_features: int) -> bool:
+    """Whether the ``"merged"`` strategy's backward computes ``dX = G W`` on the rebuilt merged weight
+    ``W = W0 + s·B A`` rather than as ``dX = (G · sB) A + G W0`` (``out_features`` summed over a sibling
+    group, which shares one dX).
+
+    Rebuilding W reads W0 and writes W, a memory-bound pass over 2·out·in elements. The other way, the
+    rank-r GEMM writes dX (T·in elements) and the base GEMM adds into it (β = 1) while it is bound by
+    compute; G · sB is what the backward computes for dA anyway. So W is rebuilt only where T ≥ 2·out: at
+    T = 8192 tokens of the 16-layer Llama of benchmarks/throughput.py, q/k/v (Σout = 3072), o and down are
+    rebuilt, and gate/up (Σout = 16384) are not. The callers also rebuild W where A is frozen, as no G is
+    computed for dA there: on an H100, computing G for dX cost what not merging saved. Under
+    ``torch.compile`` W is always rebuilt: there each of gate and up runs alone and the step was 1.6% slower
+    without the merge (benchmarks/RESULTS.md, "The input gradient without the merged weight").
+    """
+    return not UNMERGED_INPUT_GRAD or torch.compiler.is_compiling() or tokens >= 2 * out_features
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     """Forward/backward of the LoRA linear; see the module docstring for the formulas.
 
@@ -343,6 +363,8 @@ class _LoraLinearFunction(torch.autograd.Function):
             merged_weight, a_s, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             if save_merged_weight and need_dx:
                 kept = (merged_weight, b_s)
+            elif need_dx and train_a and not _merge_for_input_grad(x2.shape[0], lora_B.shape[0]):
+                kept = (None, b_s)  # backward's dX = (G·sB) A + G W0 needs s·B, not W
             y = _base(x2, merged_weight, bias, transposed)
             if train_b:
                 u = x2 @ a_s.t()
@@ -364,21 +386,27 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        # merged_weight and b_s (s·B in the activation dtype) are None unless save_merged_weight kept them
+        # merged_weight and b_s (s·B in the activation dtype) are None unless forward kept them
         x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
         scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _ = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
         dx = d_a = d_b = None
-        if need_dx and strategy == "merged":
+        on_merged = strategy == "merged" and (
+            merged_weight is not None or not train_a or _merge_for_input_grad(g.shape[0], lora_B.shape[0])
+        )
+        if need_dx and on_merged:
             if merged_weight is None:
                 merged_weight, _, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
             dx = _input_grad(g, merged_weight, transposed)
         if b_s is None and (train_a or need_dx):
             b_s = (lora_B * scaling).to(dtype)
-        need_gb = train_a or (need_dx and strategy != "merged")
+        need_gb = train_a or (need_dx and not on_merged)
         gb, d_b = _gb_and_db(g, b_s, u, need_gb, train_b, lora_B.dtype)  # gb = G (sB), T×r
-        if need_dx and strategy == "folded":
+        if need_dx and strategy == "merged" and not on_merged:
+            # the rank-r GEMM writes dX, the base GEMM adds G W0 into it (β = 1)
+            dx = (gb @ lora_A.to(dtype)).addmm_(g, weight.t() if transposed else weight)
+        elif need_dx and strategy == "folded":
             # dX = dY W0 + G A in one GEMM: W0 (out, in) is the (K, N) operand, a Conv1D's (in, out) (N, K)
             dx = triton_gemm.lora_gemm(g, weight, gb, lora_A.to(dtype), b_kn=not transposed, v_rn=True)
         elif need_dx and strategy == "addmm":

@@ -53,14 +53,31 @@ class _LoraGroupFunction(torch.autograd.Function):
         dtype = x.dtype
         x2 = fused._rows(x)
         keep = save_merged_weight and need_dx
+        # backward's dX = Σ_i G_i A_i + dY_i W0_i (G_i = dY_i s_iB_i), without the merged weights: only where
+        # every G_i is computed for dA_i anyway (with A frozen, computing G cost what not merging saved on
+        # an H100), and W0_i is in the activation dtype (casting it would cost the pass that is saved)
+        unmerged_dx = (
+            need_dx
+            and not keep
+            and all(train_a)
+            and all(w.dtype == dtype for w in weights)
+            and not fused._merge_for_input_grad(x2.shape[0], sum(b.shape[0] for b in factors_b))
+        )
         merged, a_rows, b_scaled = _merge_siblings(
-            weights, factors_a, factors_b, scalings, transposed, dtype, keep, stack_a=any(train_b)
+            weights,
+            factors_a,
+            factors_b,
+            scalings,
+            transposed,
+            dtype,
+            keep or unmerged_dx,
+            stack_a=any(train_b),
         )
         outputs, kept = [], []
         for k, bias in enumerate(biases):
             bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
             outputs.append(fused._as_output(fused._base(x2, merged[k], bias, transposed), x))
-            kept += (merged[k], b_scaled[k]) if keep else (None, None)
+            kept += (merged[k] if keep else None, b_scaled[k] if keep or unmerged_dx else None)
         u = None  # [u_i for siblings whose B trains], T × Σr: one pass over x
         if any(train_b):
             if not all(train_b):
@@ -69,6 +86,7 @@ class _LoraGroupFunction(torch.autograd.Function):
             u = x2 @ a_rows.t()
         ctx.save_for_backward(x2 if any(train_a) else None, u, *weights, *factors_a, *factors_b, *kept)
         ctx.flags = flags
+        ctx.unmerged_dx = unmerged_dx
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)  # an unused sibling output costs no zero T×out gradient
         return tuple(outputs)
@@ -80,28 +98,39 @@ class _LoraGroupFunction(torch.autograd.Function):
         x2, u, *saved = ctx.saved_tensors
         weights, factors_a, factors_b = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
         kept = saved[3 * n :]
+        unmerged_dx = ctx.unmerged_dx
         dx = None
         d_a: list[torch.Tensor | None] = [None] * n
-        if need_dx and kept[0] is None:
+        if need_dx and not unmerged_dx and kept[0] is None:
             dtype = next(g for g in grads if g is not None).dtype
             merged, _, b_scaled = _merge_siblings(
                 weights, factors_a, factors_b, scalings, transposed, dtype, True, stack_a=False
             )
             kept = [t for pair in zip(merged, b_scaled, strict=True) for t in pair]
         rows = [None if grad is None else fused._rows(grad) for grad in grads]
-        if need_dx:
+        if need_dx and not unmerged_dx:
             for g, merged_weight in zip(rows, kept[::2], strict=True):
                 if g is not None:
                     w = merged_weight.t() if transposed else merged_weight
                     dx = g @ w if dx is None else dx.addmm_(g, w)
-        b_s = [  # s_i B_i in the activation dtype, for the siblings whose G_i feeds dA_i
+        b_s = [  # s_i B_i in the activation dtype, for the siblings whose G_i feeds dA_i or dX
             (kept[2 * i + 1] if kept[2 * i + 1] is not None else (factors_b[i] * scalings[i]).to(g.dtype))
-            if train_a[i] and g is not None
+            if (train_a[i] or unmerged_dx) and g is not None
             else None
             for i, g in enumerate(rows)
         ]
-        gb_cat, trained_a, d_b = _factor_grads(rows, b_s, u, train_a, train_b, factors_b)
+        gb_cat, with_g, d_b = _factor_grads(rows, b_s, u, train_b, factors_b)
+        if unmerged_dx:  # the rank-Σr GEMM writes dX, each base GEMM adds dY_i W0_i into it (β = 1)
+            a_cat = torch.cat([factors_a[i] for i in with_g]) if len(with_g) > 1 else factors_a[with_g[0]]
+            dx = gb_cat @ a_cat.to(gb_cat.dtype)
+            for g, weight in zip(rows, weights, strict=True):
+                if g is not None:
+                    dx.addmm_(g, weight.t() if transposed else weight)
+        trained_a = [i for i in with_g if train_a[i]]
         if trained_a:  # one pass over x for every dA_i
+            if len(trained_a) < len(with_g):
+                parts = torch.split(gb_cat, [factors_a[i].shape[0] for i in with_g], dim=1)
+                gb_cat = torch.cat([p for i, p in zip(with_g, parts, strict=True) if train_a[i]], dim=1)
             d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[trained_a[0]].dtype)
             widths = [factors_a[i].shape[0] for i in trained_a]
             for i, part in zip(trained_a, torch.split(d_a_cat, widths, dim=0), strict=True):
@@ -115,41 +144,40 @@ def _factor_grads(
     rows: list[torch.Tensor | None],
     b_s: list[torch.Tensor | None],
     u: torch.Tensor | None,
-    train_a: tuple[bool, ...],
     train_b: tuple[bool, ...],
     factors_b: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor | None, list[int], list[torch.Tensor | None]]:
     """``(G, siblings, dB)`` from the siblings' upstream gradients dY_i (``rows``, T × out_i, None where a
-    sibling's output got none): G = [dY_i s_i B_i …] (T × Σr) over the listed siblings, those whose A trains;
-    dB_i = dY_iᵀ u_i for each sibling whose B trains, else None.
+    sibling's output got none): G = [dY_i s_i B_i …] (T × Σr) over the listed siblings, those given an
+    s_i B_i in ``b_s``; dB_i = dY_iᵀ u_i for each sibling whose B trains, else None.
 
     One launch of :func:`lorakit.adapters.triton_lora.lora_grad_pass_group` for the whole group where
-    :func:`fused._grad_group_applies` (every sibling got a gradient and trains the same factors); else each
-    sibling on its own (:func:`fused._gb_and_db`) and one ``torch.cat``.
+    :func:`fused._grad_group_applies` (every sibling got a gradient and wants the same of G and dB); else
+    each sibling on its own (:func:`fused._gb_and_db`) and one ``torch.cat``.
     """
     n = len(rows)
-    trained_a = [i for i in range(n) if train_a[i] and rows[i] is not None]
-    if all(g is not None for g in rows) and len(set(train_a)) == len(set(train_b)) == 1:
-        left = b_s if train_a[0] else None
+    with_g = [i for i in range(n) if b_s[i] is not None]
+    if all(g is not None for g in rows) and len({b is None for b in b_s}) == len(set(train_b)) == 1:
+        left = b_s if with_g else None
         stacked_u = u if train_b[0] else None
         if fused._grad_group_applies(rows, left, stacked_u):
             ranks = tuple(f.shape[1] for f in factors_b)
             gb_cat, d_bs = triton_lora.lora_grad_pass_group(rows, left, stacked_u, ranks)
             if d_bs is None:
-                return gb_cat, trained_a, [None] * n
+                return gb_cat, with_g, [None] * n
             d_b = [d if d.dtype == f.dtype else d.to(f.dtype) for d, f in zip(d_bs, factors_b, strict=True)]
-            return gb_cat, trained_a, d_b
+            return gb_cat, with_g, d_b
     u_parts = _split_columns(u, [f.shape[1] for f, t in zip(factors_b, train_b, strict=True) if t])
     gbs, d_b = [], [None] * n
     for i, g in enumerate(rows):
         if g is None:
             continue
         u_i = u_parts[sum(train_b[:i])] if train_b[i] else None
-        gb, d_b[i] = fused._gb_and_db(g, b_s[i], u_i, train_a[i], train_b[i], factors_b[i].dtype)
-        if train_a[i]:
+        gb, d_b[i] = fused._gb_and_db(g, b_s[i], u_i, b_s[i] is not None, train_b[i], factors_b[i].dtype)
+        if gb is not None:
             gbs.append(gb)
     gb_cat = torch.cat(gbs, dim=1) if len(gbs) > 1 else (gbs[0] if gbs else None)
-    return gb_cat, trained_a, d_b
+    return gb_cat, with_g, d_b
 
 
 def _merge_siblings(

@@ -140,16 +140,16 @@ if triton is not None:
 
     @triton.jit
     def _rows_block(
-        a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr, rm, M, N, R, col0,
-        s_am, s_an, s_rn, s_rk, s_um, s_uk, s_rows,
+        a_ptr, right_ptr, u_ptr, cols_ptr, rm, M, n_lo, n_hi, R, col0,
+        s_am, s_an, s_rn, s_rk, s_um, s_uk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_ROWS: tl.constexpr, HAS_COLS: tl.constexpr,
     ):  # fmt: skip
-        """Rows ``rm`` of ``a`` (M×N), read once across all N columns: stores their ``a @ right`` into
-        ``rows`` (columns col0 … col0 + R, row stride ``s_rows``, rows' dtype) and, with ``HAS_COLS``,
-        atomically adds their ``aᵀ @ u`` into ``cols`` (N×R, float32, contiguous, zero-initialised), where u
-        is columns col0 … col0 + R of ``u_ptr``. ``rows`` is reduced in registers and stored once; ``cols``
-        gets one atomic add per column block."""
+        """Rows ``rm`` of ``a`` over its columns n_lo … n_hi, read once: returns their part of ``a @ right``
+        (BLOCK_M × BLOCK_R, float32, reduced in registers; zeros unless ``HAS_ROWS``) and, with ``HAS_COLS``,
+        atomically adds their ``aᵀ @ u`` into rows n_lo … n_hi of ``cols`` (N×R, float32, contiguous,
+        zero-initialised), where u is columns col0 … col0 + R of ``u_ptr``: one atomic add per column
+        block."""
         rk = tl.arange(0, BLOCK_R)
         m_ok = rm < M
         k_ok = rk < R
@@ -161,9 +161,9 @@ if triton is not None:
                 other=0.0,
             )
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(n_lo, n_hi, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = rn < N
+            n_ok = rn < n_hi
             a = tl.load(
                 a_ptr + rm[:, None] * s_am + rn[None, :] * s_an, mask=m_ok[:, None] & n_ok[None, :], other=0.0
             )
@@ -182,12 +182,7 @@ if triton is not None:
                     mask=n_ok[:, None] & k_ok[None, :],
                     sem="relaxed",
                 )
-        if HAS_ROWS:
-            tl.store(
-                rows_ptr + rm[:, None] * s_rows + (col0 + rk)[None, :],
-                acc.to(rows_ptr.dtype.element_ty),
-                mask=m_ok[:, None] & k_ok[None, :],
-            )
+        return acc
 
     @triton.jit
     def _rows_kernel(
@@ -202,42 +197,71 @@ if triton is not None:
         Each program owns BLOCK_M rows and walks all N columns (:func:`_rows_block`).
         """
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        _rows_block(
-            a_ptr, right_ptr, u_ptr, rows_ptr, cols_ptr, rm, M, N, R, 0,
-            s_am, s_an, s_rn, s_rk, s_um, s_uk, R,
+        acc = _rows_block(
+            a_ptr, right_ptr, u_ptr, cols_ptr, rm, M, 0, N, R, 0,
+            s_am, s_an, s_rn, s_rk, s_um, s_uk,
             BLOCK_M, BLOCK_N, BLOCK_R, HAS_ROWS, HAS_COLS,
         )  # fmt: skip
+        if HAS_ROWS:
+            rk = tl.arange(0, BLOCK_R)
+            mask = (rm < M)[:, None] & (rk < R)[None, :]
+            tl.store(rows_ptr + rm[:, None] * R + rk[None, :], acc.to(rows_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _group_grad_kernel(
-        table, meta, u_ptr, g_out_ptr, db_ptr, like_ptr, T, U_W, G_W,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        table, meta, u_ptr, g_out_ptr, db_ptr, g_sum_ptr, arrivals_ptr, like_ptr, T, U_W, G_W, CHUNK,
+        NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_G: tl.constexpr, HAS_DB: tl.constexpr,
     ):  # fmt: skip
         """:func:`_rows_kernel` for the upstream gradients of a sibling group in one launch: program
-        (row block, member k) reads rows of dY_k once for G_k = dY_k · s_kB_k and dB_k += dY_kᵀ u_k.
+        (row block, chunk c) reads rows of dY_k, columns c·CHUNK … (c + 1)·CHUNK of member k, once, for
+        its part of G_k = dY_k · s_kB_k and dB_k += dY_kᵀ u_k.
 
         ``table`` holds the addresses (dY_k, s_kB_k) of member k (both contiguous), ``meta`` its (out_k / 16,
-        r_k, first column of u_k in u and of G_k in ``g_out``, first element of dB_k in ``db``). u is
-        T × U_W and ``g_out`` T × G_W, contiguous; dB (float32, zero-initialised) holds every dB_k, one
-        after another.
+        r_k, first column of u_k in u and of G_k in ``g_out``, first element of dB_k in ``db``, first chunk,
+        chunks). u is T × U_W and ``g_out`` T × G_W, contiguous; dB (float32, zero-initialised) holds every
+        dB_k, one after another. A member of one chunk stores its G rows directly. Split into more chunks
+        (more programs for the GPU's SMs than row blocks alone give), each chunk adds its partial G rows
+        into ``g_sum`` (T × G_W, float32, zeroed) and counts itself in ``arrivals`` (one int32 per row block
+        and member, zeroed); the last chunk to arrive stores the sum.
         """
-        k = tl.program_id(1)
+        pid_m = tl.program_id(0)
+        item = tl.program_id(1)
+        k = 0
+        for j in tl.static_range(1, NUM):
+            k += (item >= tl.load(meta + j * 6 + 4)).to(tl.int32)
         # out_k is stored divided by 16 so that the compiler sees every row of dY_k start 16-byte aligned
         # (the caller checks out_k % 16 == 0): vectorised loads, as the merge kernel's hints give it.
-        N = tl.load(meta + k * 4) * 16
-        R = tl.load(meta + k * 4 + 1)
-        col0 = tl.load(meta + k * 4 + 2)
-        db0 = tl.load(meta + k * 4 + 3)
+        N = tl.load(meta + k * 6) * 16
+        R = tl.load(meta + k * 6 + 1)
+        col0 = tl.load(meta + k * 6 + 2)
+        db0 = tl.load(meta + k * 6 + 3)
+        chunks = tl.load(meta + k * 6 + 5)
+        n_lo = (item - tl.load(meta + k * 6 + 4)) * CHUNK
         element = tl.pointer_type(like_ptr.dtype.element_ty)
         dy_ptr = tl.multiple_of(tl.load(table + k * 2).to(element), 16)
         b_ptr = tl.multiple_of(tl.load(table + k * 2 + 1).to(element), 16)
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        _rows_block(
-            dy_ptr, b_ptr, u_ptr, g_out_ptr, db_ptr + db0, rm, T, N, R, col0,
-            N, 1, R, 1, U_W, 1, G_W,
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = _rows_block(
+            dy_ptr, b_ptr, u_ptr, db_ptr + db0, rm, T, n_lo, tl.minimum(n_lo + CHUNK, N), R, col0,
+            N, 1, R, 1, U_W, 1,
             BLOCK_M, BLOCK_N, BLOCK_R, HAS_G, HAS_DB,
         )  # fmt: skip
+        if HAS_G:
+            rk = tl.arange(0, BLOCK_R)
+            mask = (rm < T)[:, None] & (rk < R)[None, :]
+            at = rm[:, None] * G_W + (col0 + rk)[None, :]
+            if chunks == 1:
+                tl.store(g_out_ptr + at, acc.to(g_out_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.atomic_add(g_sum_ptr + at, acc, mask=mask, sem="relaxed")
+                # Every thread's adds come before the arrival (release); the last arrival (acquire) reads
+                # the sum from L2 (".cg"), where the adds were made.
+                tl.debug_barrier()
+                arrived = tl.atomic_add(arrivals_ptr + pid_m * NUM + k, 1, sem="acq_rel")
+                if arrived == chunks - 1:
+                    total = tl.load(g_sum_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.store(g_out_ptr + at, total.to(g_out_ptr.dtype.element_ty), mask=mask)
 
     def _launch(
         kernel,
@@ -415,33 +439,40 @@ if triton is not None:
         """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
         return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
 
-    def _group_grad_config(widths: list[int], with_g: bool) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_N, warps, stages) of :func:`_group_grad_kernel`, from benchmarks/group_grad.py
-        (H100, T = 8192, r = 16): a lone layer of up to 2048 outputs that also wants G took 34.3–34.6 µs
-        at (64, 256, 8, 4) against 41.5–42.8 µs at (128, 128, 8, 4), which was within 1% of the fastest
-        for the q/k/v and gate/up groups and for dB alone."""
-        if len(widths) == 1 and widths[0] <= 2048 and with_g:
-            return 64, 256, 8, 4
-        return 128, 128, 8, 4
+    def _group_grad_config(widths: list[int], with_g: bool) -> tuple[int, int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, warps, stages, CHUNK) of :func:`_group_grad_kernel`, from
+        benchmarks/group_grad.py (H100, T = 8192, r = 16; CHUNK 0: each member in one chunk). With G, row
+        blocks of 256 (half the float32 atomic adds into dB of 128) were fastest, split into column chunks:
+        the q/k/v group and lone layers of 2048 outputs took 30.6–40.1 µs at (256, 64, 8, 3, 512), against
+        34.7–47.6 µs for the best unsplit configuration; gate/up took 122.1 µs at (256, 128, 8, 3, 2048),
+        against 134.3 µs. dB alone was fastest unsplit at (128, 128, 8, 4)."""
+        if not with_g:
+            return 128, 128, 8, 4, 0
+        return (256, 64, 8, 3, 512) if sum(widths) <= 4096 else (256, 128, 8, 3, 2048)
 
-    def _grad_tables(grads, b_scaled, ranks) -> tuple:
-        """(table, meta, elements of dB) on the gradients' device, for :func:`_group_grad_kernel`."""
+    def _grad_tables(grads, b_scaled, ranks, chunk: int) -> tuple:
+        """(table, meta, elements of dB, chunks, whether any member has more than one chunk) on the
+        gradients' device, for :func:`_group_grad_kernel`; ``chunk`` columns per chunk (0: one per member)."""
         key = (
             "grad",
             tuple(g.data_ptr() for g in grads),
             tuple(b.data_ptr() for b in b_scaled),
             tuple(g.shape[1] for g in grads),
             ranks,
+            chunk,
             grads[0].device,
         )
 
         def build() -> tuple:
-            table, meta, col0, db0 = [], [], 0, 0
+            table, meta, col0, db0, item0 = [], [], 0, 0, 0
             for dy, b, n, r in zip(key[1], key[2], key[3], ranks, strict=True):
+                chunks = triton.cdiv(n, chunk) if chunk else 1
                 table += [dy, b]
-                meta += [n // 16, r, col0, db0]
-                col0, db0 = col0 + r, db0 + n * r
-            return _upload(table, torch.int64, key[5]), _upload(meta, torch.int32, key[5]), db0
+                meta += [n // 16, r, col0, db0, item0, chunks]
+                col0, db0, item0 = col0 + r, db0 + n * r, item0 + chunks
+            device = key[6]
+            split = item0 > len(ranks)
+            return _upload(table, torch.int64, device), _upload(meta, torch.int32, device), db0, item0, split
 
         return _cached(key, build)
 
@@ -450,7 +481,7 @@ if triton is not None:
         b_scaled: list[torch.Tensor] | None,
         u: torch.Tensor | None,
         ranks: tuple[int, ...],
-        config: tuple[int, int, int, int] | None = None,
+        config: tuple[int, int, int, int, int] | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
         """:func:`lora_grad_pass` for the n upstream gradients of a sibling group in one launch (eager only).
 
@@ -459,28 +490,43 @@ if triton is not None:
         or None when no dB is wanted. Returns G = [G_1 … G_n] (T × Σr, grads' dtype), ready for the group's
         one dA GEMM, and dB_k (out_k × r_k, float32 views of one buffer). One launch and one zero fill in
         place of 2n GEMMs (or n launches of :func:`lora_grad_pass` and n fills). ``config`` = (BLOCK_M,
-        BLOCK_N, warps, stages) overrides :func:`_group_grad_config`.
+        BLOCK_N, warps, stages, CHUNK) overrides :func:`_group_grad_config`; CHUNK must be a multiple of
+        BLOCK_N (or 0).
         """
         g0 = grads[0]
-        table, meta, db_size = _grad_tables(grads, b_scaled if b_scaled is not None else grads, ranks)
         widths = [g.shape[1] for g in grads]
-        block_m, block_n, warps, stages = config or _group_grad_config(widths, b_scaled is not None)
+        block_m, block_n, warps, stages, chunk = config or _group_grad_config(widths, b_scaled is not None)
+        if chunk % block_n:
+            raise ValueError(f"lora_grad_pass_group: CHUNK {chunk} is not a multiple of BLOCK_N {block_n}")
+        table, meta, db_size, items, split = _grad_tables(
+            grads, b_scaled if b_scaled is not None else grads, ranks, chunk
+        )
         width = sum(ranks)
         tokens = g0.shape[0]
-        g_out = (
-            torch.empty((tokens, width), dtype=g0.dtype, device=g0.device) if b_scaled is not None else None
-        )
-        d_b = torch.zeros((db_size,), dtype=torch.float32, device=g0.device) if u is not None else None
-        _group_grad_kernel[(triton.cdiv(tokens, block_m), len(grads))](
-            table, meta, u if u is not None else g0, g_out if g_out is not None else g0,
-            d_b if d_b is not None else g0, g0, tokens, width, width,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
-            HAS_G=g_out is not None, HAS_DB=d_b is not None, num_warps=warps, num_stages=stages,
+        row_blocks = triton.cdiv(tokens, block_m)
+        with_g, with_db = b_scaled is not None, u is not None
+        g_out = torch.empty((tokens, width), dtype=g0.dtype, device=g0.device) if with_g else None
+        # One zero fill for dB, and for the partial-G sums and arrival counts of members split in chunks.
+        g_sum_size = tokens * width if split and with_g else 0
+        arrivals = row_blocks * len(grads) if g_sum_size else 0
+        db_part = db_size if with_db else 0
+        zeroed = None
+        if db_part + g_sum_size:
+            zeroed = torch.zeros((db_part + g_sum_size + arrivals,), dtype=torch.float32, device=g0.device)
+        _group_grad_kernel[(row_blocks, items)](
+            table, meta, u if with_db else g0, g_out if with_g else g0,
+            zeroed if with_db else g0,
+            zeroed[db_part:] if g_sum_size else g0,
+            zeroed[db_part + g_sum_size :].view(torch.int32) if g_sum_size else g0,
+            g0, tokens, width, width, chunk or 1 << 30,
+            NUM=len(grads), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
+            HAS_G=with_g, HAS_DB=with_db, num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        if d_b is None:
+        if not with_db:
             return g_out, None
-        parts = d_b.split([g.shape[1] * r for g, r in zip(grads, ranks, strict=True)])
-        return g_out, [p.view(g.shape[1], r) for p, g, r in zip(parts, grads, ranks, strict=True)]
+        parts = zeroed[:db_part].split([n * r for n, r in zip(widths, ranks, strict=True)])
+        return g_out, [p.view(n, r) for p, n, r in zip(parts, widths, ranks, strict=True)]
 
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
     def _grad_pass_op(
