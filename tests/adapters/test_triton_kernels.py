@@ -381,6 +381,16 @@ GROUP_GRAD_CHECK = (
                 assert float((d_bs[k].double() - want).abs().max() / want.abs().max()) < 1e-5, k
             col += r
 
+    # its table holds shapes only: fresh gradients (new addresses, as every step brings) reuse it
+    tables = len(tk._GROUP_TABLES)
+    tk.lora_grad_pass_group([g.clone() for g in grads], [b.clone() for b in b_s], u.clone(), ranks)
+    assert len(tk._GROUP_TABLES) == tables
+    try:  # more members than the kernel has pointer arguments for: a clear error
+        tk.lora_grad_pass_group(grads * 2, b_s * 2, torch.cat([u, u], dim=1), ranks * 2)
+        raise AssertionError("six members were accepted")
+    except ValueError as error:
+        assert "1 to 4 members, got 6" in str(error), error
+
     # the grouped Function with the kernel on, against float64 (uniform and mixed trainable factors)
     fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS
     fused.GRAD_PASS_IN_EAGER = True

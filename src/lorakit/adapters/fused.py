@@ -213,9 +213,10 @@ def _grad_group_applies(
     grads: Sequence[torch.Tensor], b_scaled: Sequence[torch.Tensor] | None, u: torch.Tensor | None
 ) -> bool:
     """Whether :func:`triton_lora.lora_grad_pass_group` takes these: with :data:`GRAD_PASS_IN_EAGER`, in eager
-    on CUDA, bf16/fp16 upstream gradients dY_i (T × out_i, out_i a multiple of 16), the s_i B_i (or None: no
-    G wanted) and u (or None: no dB wanted) in their dtype, all contiguous at 16-byte aligned addresses
-    (the kernel is compiled for that), under 2³¹ elements per dY_i (its int32 offsets).
+    on CUDA, at most ``triton_lora.GROUP_GRAD_MAX_MEMBERS`` bf16/fp16 upstream gradients dY_i (T × out_i,
+    out_i a multiple of 16), the s_i B_i (or None: no G wanted) and u (or None: no dB wanted) in their
+    dtype, all contiguous at 16-byte aligned addresses (the kernel is compiled for that), under 2³¹ elements
+    per dY_i (its int32 offsets).
 
     Not while a CUDA graph is being captured, for the reason :func:`_one_launch_applies` gives.
     """
@@ -223,6 +224,7 @@ def _grad_group_applies(
     operands = [*grads, *(b_scaled or ()), *(() if u is None else (u,))]
     return (
         GRAD_PASS_IN_EAGER
+        and len(grads) <= triton_lora.GROUP_GRAD_MAX_MEMBERS
         and (b_scaled is not None or u is not None)
         and g0.dtype in (torch.bfloat16, torch.float16)
         and _use_triton("grad", g0)

@@ -26,6 +26,8 @@ except ImportError:  # CPU-only installs: the fused path uses torch.addmm instea
     triton = None
 
 AVAILABLE = False
+#: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
+GROUP_GRAD_MAX_MEMBERS = 4
 merge_lora_weight = None
 merge_lora_weights = None
 lora_grad_pass = None
@@ -209,7 +211,8 @@ if triton is not None:
 
     @triton.jit
     def _group_grad_kernel(
-        table, meta, u_ptr, g_out_ptr, db_ptr, g_sum_ptr, arrivals_ptr, like_ptr, T, U_W, G_W, CHUNK,
+        meta, dy0, dy1, dy2, dy3, b0, b1, b2, b3, u_ptr, g_out_ptr, db_ptr, g_sum_ptr, arrivals_ptr,
+        T, U_W, G_W, CHUNK,
         NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_G: tl.constexpr, HAS_DB: tl.constexpr,
     ):  # fmt: skip
@@ -217,13 +220,14 @@ if triton is not None:
         (row block, chunk c) reads rows of dY_k, columns c·CHUNK … (c + 1)·CHUNK of member k, once, for
         its part of G_k = dY_k · s_kB_k and dB_k += dY_kᵀ u_k.
 
-        ``table`` holds the addresses (dY_k, s_kB_k) of member k (both contiguous), ``meta`` its (out_k / 16,
-        r_k, first column of u_k in u and of G_k in ``g_out``, first element of dB_k in ``db``, first chunk,
-        chunks). u is T × U_W and ``g_out`` T × G_W, contiguous; dB (float32, zero-initialised) holds every
-        dB_k, one after another. A member of one chunk stores its G rows directly. Split into more chunks
-        (more programs for the GPU's SMs than row blocks alone give), each chunk adds its partial G rows
-        into ``g_sum`` (T × G_W, float32, zeroed) and counts itself in ``arrivals`` (one int32 per row block
-        and member, zeroed); the last chunk to arrive stores the sum.
+        dy0 … dy3 and b0 … b3 are dY_k and s_kB_k of the NUM ≤ 4 members (both contiguous; unused ones any
+        pointer). ``meta`` holds member k's (out_k / 16, r_k, first column of u_k in u and of G_k in
+        ``g_out``, first element of dB_k in ``db``, first chunk, chunks): shapes only, so one cached table
+        serves every step. u is T × U_W and ``g_out`` T × G_W, contiguous; dB (float32, zero-initialised)
+        holds every dB_k, one after another. A member of one chunk stores its G rows directly. Split into
+        more chunks (more programs for the GPU's SMs than row blocks alone give), each chunk adds its
+        partial G rows into ``g_sum`` (T × G_W, float32, zeroed) and counts itself in ``arrivals`` (one
+        int32 per row block and member, zeroed); the last chunk to arrive stores the sum.
         """
         pid_m = tl.program_id(0)
         item = tl.program_id(1)
@@ -238,9 +242,16 @@ if triton is not None:
         db0 = tl.load(meta + k * 6 + 3)
         chunks = tl.load(meta + k * 6 + 5)
         n_lo = (item - tl.load(meta + k * 6 + 4)) * CHUNK
-        element = tl.pointer_type(like_ptr.dtype.element_ty)
-        dy_ptr = tl.multiple_of(tl.load(table + k * 2).to(element), 16)
-        b_ptr = tl.multiple_of(tl.load(table + k * 2 + 1).to(element), 16)
+        dy_ptr, b_ptr = dy0, b0
+        if NUM > 1 and k == 1:
+            dy_ptr, b_ptr = dy1, b1
+        if NUM > 2 and k == 2:
+            dy_ptr, b_ptr = dy2, b2
+        if NUM > 3 and k == 3:
+            dy_ptr, b_ptr = dy3, b3
+        # the caller checks every operand's address for 16-byte alignment: vectorised loads
+        dy_ptr = tl.multiple_of(dy_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = _rows_block(
             dy_ptr, b_ptr, u_ptr, db_ptr + db0, rm, T, n_lo, tl.minimum(n_lo + CHUNK, N), R, col0,
@@ -450,29 +461,22 @@ if triton is not None:
             return 128, 128, 8, 4, 0
         return (256, 64, 8, 3, 512) if sum(widths) <= 4096 else (256, 128, 8, 3, 2048)
 
-    def _grad_tables(grads, b_scaled, ranks, chunk: int) -> tuple:
-        """(table, meta, elements of dB, chunks, whether any member has more than one chunk) on the
-        gradients' device, for :func:`_group_grad_kernel`; ``chunk`` columns per chunk (0: one per member)."""
-        key = (
-            "grad",
-            tuple(g.data_ptr() for g in grads),
-            tuple(b.data_ptr() for b in b_scaled),
-            tuple(g.shape[1] for g in grads),
-            ranks,
-            chunk,
-            grads[0].device,
-        )
+    def _grad_meta(
+        widths: tuple[int, ...], ranks: tuple[int, ...], chunk: int, device: torch.device
+    ) -> tuple:
+        """(meta, elements of dB, chunks, whether any member has more than one chunk) for
+        :func:`_group_grad_kernel`, on ``device``; ``chunk`` columns per chunk (0: one per member). Shapes
+        only, so a layer's table is built once (an earlier table keyed by the gradients' addresses, which
+        change from step to step, was rebuilt and uploaded on most calls)."""
+        key = ("grad", widths, ranks, chunk, device)
 
         def build() -> tuple:
-            table, meta, col0, db0, item0 = [], [], 0, 0, 0
-            for dy, b, n, r in zip(key[1], key[2], key[3], ranks, strict=True):
+            meta, col0, db0, item0 = [], 0, 0, 0
+            for n, r in zip(widths, ranks, strict=True):
                 chunks = triton.cdiv(n, chunk) if chunk else 1
-                table += [dy, b]
                 meta += [n // 16, r, col0, db0, item0, chunks]
                 col0, db0, item0 = col0 + r, db0 + n * r, item0 + chunks
-            device = key[6]
-            split = item0 > len(ranks)
-            return _upload(table, torch.int64, device), _upload(meta, torch.int32, device), db0, item0, split
+            return _upload(meta, torch.int32, device), db0, item0, item0 > len(ranks)
 
         return _cached(key, build)
 
@@ -483,7 +487,8 @@ if triton is not None:
         ranks: tuple[int, ...],
         config: tuple[int, int, int, int, int] | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
-        """:func:`lora_grad_pass` for the n upstream gradients of a sibling group in one launch (eager only).
+        """:func:`lora_grad_pass` for the n ≤ :data:`GROUP_GRAD_MAX_MEMBERS` upstream gradients of a sibling
+        group in one launch (eager only).
 
         grads: dY_k (T × out_k), contiguous, out_k a multiple of 16, one dtype. b_scaled: s_kB_k (out_k ×
         r_k), contiguous, in that dtype, or None when no G is wanted. u: [u_1 … u_n] (T × Σr), contiguous,
@@ -493,14 +498,15 @@ if triton is not None:
         BLOCK_N, warps, stages, CHUNK) overrides :func:`_group_grad_config`; CHUNK must be a multiple of
         BLOCK_N (or 0).
         """
+        n = len(grads)
+        if not 0 < n <= GROUP_GRAD_MAX_MEMBERS:
+            raise ValueError(f"lora_grad_pass_group: takes 1 to {GROUP_GRAD_MAX_MEMBERS} members, got {n}")
         g0 = grads[0]
-        widths = [g.shape[1] for g in grads]
+        widths = tuple(g.shape[1] for g in grads)
         block_m, block_n, warps, stages, chunk = config or _group_grad_config(widths, b_scaled is not None)
         if chunk % block_n:
             raise ValueError(f"lora_grad_pass_group: CHUNK {chunk} is not a multiple of BLOCK_N {block_n}")
-        table, meta, db_size, items, split = _grad_tables(
-            grads, b_scaled if b_scaled is not None else grads, ranks, chunk
-        )
+        meta, db_size, items, split = _grad_meta(widths, ranks, chunk, g0.device)
         width = sum(ranks)
         tokens = g0.shape[0]
         row_blocks = triton.cdiv(tokens, block_m)
@@ -508,19 +514,20 @@ if triton is not None:
         g_out = torch.empty((tokens, width), dtype=g0.dtype, device=g0.device) if with_g else None
         # One zero fill for dB, and for the partial-G sums and arrival counts of members split in chunks.
         g_sum_size = tokens * width if split and with_g else 0
-        arrivals = row_blocks * len(grads) if g_sum_size else 0
+        arrivals = row_blocks * n if g_sum_size else 0
         db_part = db_size if with_db else 0
         zeroed = None
         if db_part + g_sum_size:
             zeroed = torch.zeros((db_part + g_sum_size + arrivals,), dtype=torch.float32, device=g0.device)
+        dys = (*grads, *(g0,) * (GROUP_GRAD_MAX_MEMBERS - n))
+        lefts = (*(b_scaled if with_g else ()), *(g0,) * (GROUP_GRAD_MAX_MEMBERS - (n if with_g else 0)))
         _group_grad_kernel[(row_blocks, items)](
-            table, meta, u if with_db else g0, g_out if with_g else g0,
+            meta, *dys, *lefts, u if with_db else g0, g_out if with_g else g0,
             zeroed if with_db else g0,
             zeroed[db_part:] if g_sum_size else g0,
             zeroed[db_part + g_sum_size :].view(torch.int32) if g_sum_size else g0,
-            g0, tokens, width, width, chunk or 1 << 30,
-            NUM=len(grads), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
+            tokens, width, width, chunk or 1 << 30,
+            NUM=n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
             HAS_G=with_g, HAS_DB=with_db, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if not with_db:
