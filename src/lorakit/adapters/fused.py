@@ -19,11 +19,13 @@ Three strategies compute exactly this function; ``lora_linear`` picks the one th
   elsewhere; either reads and writes out×in once) and run the base GEMM on it, forward ``y = x Wᵀ + b``
   and backward ``dX = G W``. The LoRA term rides inside the base GEMM's fp32 accumulation: no extra pass
   over any T×out or T×in activation. By default ``W`` is rebuilt in backward instead of saved, since
-  saving it costs a copy of every adapted weight in memory; ``save_merged_weight=True`` makes that trade
-  for one pass fewer over every adapted weight per step and, in eager, one kernel launch fewer (H100,
-  16-layer Llama at hidden 2048: +2.2% compiled, +1–10% eager, +1.8 GiB peak; benchmarks/RESULTS.md). Rounding
-  ``W0 + ΔW`` once to bf16 perturbs the output by about one bf16 ulp of ``|y|``, the same order as
-  rounding the base output and the LoRA term separately as the unfused path does.
+  saving it costs a copy of every adapted weight in memory (in eager, with A trained and fewer tokens than
+  2·out, backward skips it: ``dX = (G · sB) A + G W0``, see :func:`_merge_for_input_grad`);
+  ``save_merged_weight=True`` makes that trade for one pass fewer over every adapted weight per step and,
+  in eager, one kernel launch fewer (H100, 16-layer Llama at hidden 2048: +2.2% compiled, +1–10% eager,
+  +1.8 GiB peak; benchmarks/RESULTS.md). Rounding ``W0 + ΔW`` once to bf16 perturbs the output by about
+  one bf16 ulp of ``|y|``, the same order as rounding the base output and the LoRA term separately as the
+  unfused path does.
 * ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, Bᵀ)``
   accumulated in place; in backward ``dX = G W0`` then ``dX.addmm_(G B, A)`` in place.
 * ``"folded"`` (opt-in, Hopper GPUs, half precision): one Triton GEMM with the LoRA slice in its reduction,

@@ -10,7 +10,10 @@ strategy of :mod:`lorakit.adapters.fused`):
     y_i    = x W_iᵀ + b_i                                 one GEMM per sibling, as before
     u      = x · [s_1 A_1; …; s_n A_n]ᵀ                    one pass over x for every u_i (T × Σr)
     dX     = Σ_i dY_i W_i                                 the first GEMM writes dX, the others add into it
-                                                          in their epilogue (β = 1): no separate sum
+                                                          in their epilogue (β = 1): no separate sum; or,
+                                                          with fewer tokens than 2·Σout_i and every A
+                                                          trained, Σ_i G_i A_i + dY_i W0_i without the
+                                                          merged weights (fused._merge_for_input_grad)
     dA_cat = [dY_1 s_1 B_1, …, dY_n s_n B_n]ᵀ · x          one pass over x for every dA_i
     dB_i   = dY_iᵀ u_i
 
