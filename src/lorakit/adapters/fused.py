@@ -396,9 +396,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
         dx = d_a = d_b = None
-        on_merged = strategy == "merged" and (
-            merged_weight is not None or not train_a or _merge_for_input_grad(g.shape[0], lora_B.shape[0])
-        )
+        # forward kept s·B without the merged weight only for dX = (G·sB) A + G W0 (_merge_for_input_grad)
+        on_merged = strategy == "merged" and (merged_weight is not None or b_s is None)
         if need_dx and on_merged:
             if merged_weight is None:
                 merged_weight, _, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)

@@ -89,7 +89,6 @@ class _LoraGroupFunction(torch.autograd.Function):
             u = x2 @ a_rows.t()
         ctx.save_for_backward(x2 if any(train_a) else None, u, *weights, *factors_a, *factors_b, *kept)
         ctx.flags = flags
-        ctx.unmerged_dx = unmerged_dx
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)  # an unused sibling output costs no zero T×out gradient
         return tuple(outputs)
@@ -101,7 +100,8 @@ class _LoraGroupFunction(torch.autograd.Function):
         x2, u, *saved = ctx.saved_tensors
         weights, factors_a, factors_b = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
         kept = saved[3 * n :]
-        unmerged_dx = ctx.unmerged_dx
+        # forward kept the s_i B_i without the merged weights only for dX = Σ_i G_i A_i + dY_i W0_i
+        unmerged_dx = kept[0] is None and kept[1] is not None
         dx = None
         d_a: list[torch.Tensor | None] = [None] * n
         if need_dx and not unmerged_dx and kept[0] is None:

@@ -532,8 +532,8 @@ if triton is not None:
         )  # fmt: skip
         if not with_db:
             return g_out, None
-        parts = zeroed[:db_part].split([n * r for n, r in zip(widths, ranks, strict=True)])
-        return g_out, [p.view(n, r) for p, n, r in zip(parts, widths, ranks, strict=True)]
+        parts = zeroed[:db_part].split([out * r for out, r in zip(widths, ranks, strict=True)])
+        return g_out, [p.view(out, r) for p, out, r in zip(parts, widths, ranks, strict=True)]
 
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
     def _grad_pass_op(
