@@ -257,7 +257,40 @@ ATTENTION = textwrap.dedent(
     """
 )
 
-GROUP_MERGE_CHECK = (
+#: Defines ``grouped_vs_float64(x, ws, rights, lefts, grads, scalings, train_a, train_b)``: the worst rel.
+#: error of the fp16 grouped Function (three siblings, no biases, factors trainable as flagged) against the
+#: float64 reference per sibling, over the outputs, dX and every factor's gradient. Prepended to the group
+#: checks below.
+GROUPED_VS_FLOAT64 = textwrap.dedent(
+    """
+    import torch
+    from lorakit.adapters import fused, grouped
+
+    def grouped_vs_float64(x, ws, rights, lefts, grads, scalings, train_a, train_b):
+        outs = []
+        for group, dtype in ((True, torch.float16), (False, torch.float64)):
+            xs = x.to(dtype).requires_grad_(True)
+            factor = torch.float64 if dtype == torch.float64 else torch.float32
+            a_ = [r.to(factor, copy=True).requires_grad_(bool(t)) for r, t in zip(rights, train_a)]
+            b_ = [l.to(factor, copy=True).requires_grad_(bool(t)) for l, t in zip(lefts, train_b)]
+            w_ = [w.to(dtype) for w in ws]
+            biases = [None] * len(ws)
+            if group:
+                ys = grouped.lora_linear_group(xs, w_, biases, a_, b_, scalings)
+            else:
+                ys = [fused.reference_lora_linear(xs, *one) for one in zip(w_, biases, a_, b_, scalings)]
+            torch.autograd.backward(ys, [g.to(dtype) for g in grads])
+            outs.append([*ys, xs.grad, *(t.grad for t in a_ + b_)])
+        worst = 0.0
+        for got, want in zip(*outs):
+            assert (got is None) == (want is None)
+            if want is not None:
+                worst = max(worst, float((got.double() - want.detach()).norm() / want.detach().norm()))
+        return worst
+    """
+)
+
+GROUP_MERGE_CHECK = GROUPED_VS_FLOAT64 + (
     textwrap.dedent(
         """
     import torch
@@ -293,24 +326,9 @@ GROUP_MERGE_CHECK = (
         fused.UNMERGED_INPUT_GRAD = unmerged
         x = torch.randn(4, 6, n_cols)
         grads = [torch.randn(4, 6, m) for m in rows]
-        outs = []
-        for group, dtype in ((True, torch.float16), (False, torch.float64)):
-            xs = x.to(dtype).requires_grad_(True)
-            factor = torch.float64 if dtype == torch.float64 else torch.float32
-            a_ = [(r / n_cols**0.5).to(factor).requires_grad_(bool(t)) for r, t in zip(rights, train_a)]
-            b_ = [(l * 0.1).to(factor).requires_grad_(bool(t)) for l, t in zip(lefts, train_b)]
-            w_ = [w.to(dtype) for w in ws]
-            if group:
-                ys = grouped.lora_linear_group(xs, w_, [None] * 3, a_, b_, [0.5, 2.0, 1.5])
-            else:
-                args = zip(w_, [None] * 3, a_, b_, [0.5, 2.0, 1.5])
-                ys = [fused.reference_lora_linear(xs, *one) for one in args]
-            torch.autograd.backward(ys, [g.to(dtype) for g in grads])
-            outs.append([*ys, xs.grad, *(t.grad for t in a_ + b_)])
-        for got, want in zip(*outs):
-            assert (got is None) == (want is None)
-            if want is not None:
-                worst = max(worst, float((got.double() - want.detach()).norm() / want.detach().norm()))
+        a_in, b_in = [r / n_cols**0.5 for r in rights], [l * 0.1 for l in lefts]
+        error = grouped_vs_float64(x, ws, a_in, b_in, grads, [0.5, 2.0, 1.5], train_a, train_b)
+        worst = max(worst, error)
     print(worst, len(launches))
     # once per group call in forward, and in backward unless dX is unmerged (every sibling trains A)
     assert len(launches) == 6 + 5, launches
@@ -347,7 +365,7 @@ def test_group_merge_kernel_and_grouped_function_under_the_interpreter() -> None
     _interpret(GROUP_MERGE_CHECK)
 
 
-GROUP_GRAD_CHECK = (
+GROUP_GRAD_CHECK = GROUPED_VS_FLOAT64 + (
     textwrap.dedent(
         """
     import torch
@@ -409,23 +427,7 @@ GROUP_GRAD_CHECK = (
         rights = [torch.randn(r, n_cols) / n_cols**0.5 for r in ranks]
         lefts = [torch.randn(m, r) * 0.1 for m, r in zip(widths, ranks)]
         ws = [torch.randn(m, n_cols) for m in widths]
-        outs = []
-        for group, dtype in ((True, torch.float16), (False, torch.float64)):
-            xs = x.to(dtype).requires_grad_(True)
-            factor = torch.float64 if dtype == torch.float64 else torch.float32
-            a_ = [r.to(factor, copy=True).requires_grad_(bool(t)) for r, t in zip(rights, train_a)]
-            b_ = [l.to(factor, copy=True).requires_grad_(bool(t)) for l, t in zip(lefts, train_b)]
-            w_ = [w.to(dtype) for w in ws]
-            if group:
-                ys = grouped.lora_linear_group(xs, w_, [None] * 3, a_, b_, scalings)
-            else:
-                ys = [fused.reference_lora_linear(xs, *one) for one in zip(w_, [None] * 3, a_, b_, scalings)]
-            torch.autograd.backward(ys, [g.to(dtype) for g in gs])
-            outs.append([*ys, xs.grad, *(t.grad for t in a_ + b_)])
-        for got, want in zip(*outs):
-            assert (got is None) == (want is None)
-            if want is not None:
-                worst = max(worst, float((got.double() - want.detach()).norm() / want.detach().norm()))
+        worst = max(worst, grouped_vs_float64(x, ws, rights, lefts, gs, scalings, train_a, train_b))
         mixed = len(set(train_a)) > 1
         assert (set(launches) == {1}) if mixed else launches == [3], (train_a, train_b, launches)
     print(worst)
