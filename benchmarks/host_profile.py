@@ -38,8 +38,8 @@ def _sync(device: str) -> None:
 
 def profile_variant(variant: str, spec: Spec, device: str, steps: int, profiled: int, rows: int) -> dict:
     """Median step ms, and the top ``rows`` functions by own and by total time over ``profiled`` steps."""
-    _, fused_optimizer = set_library_flags(variant)
-    model = apply_variant(build_model(spec, device), variant.split("-fusedopt")[0], spec)
+    base, fused_optimizer = set_library_flags(variant)
+    model = apply_variant(build_model(spec, device), base, spec)
     ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device)
     step, _ = make_step(model, ids, compiled=False, fused_optimizer=fused_optimizer)
     for _ in range(5):
