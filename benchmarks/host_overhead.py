@@ -6,7 +6,8 @@ forward + backward of one adapted projection on tiny CUDA tensors (so every kern
 launch) many times without synchronising, and reports the wall time per call, which is then the host's
 cost. It compares lorakit's fused path (merged and addmm strategies, with and without the Triton kernels,
 with ``save_merged_weight``), lorakit's reference path, a PEFT bf16 layer and a frozen ``nn.Linear``, and
-times single launches (the Triton merge kernel, ``torch.empty``, one cuBLAS ``mm``).
+times single launches (the Triton merge kernel, ``torch.empty``, one cuBLAS ``mm``, and the table kernels
+through Triton's own launch and directly, ``triton_lora.DIRECT_LAUNCH``).
 
 Example (GPU; about 20 s):
     PYTHONPATH=src python3 benchmarks/host_overhead.py --out out/host_overhead.json
@@ -20,6 +21,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -113,7 +115,24 @@ def launch_cases(width: int, rank: int) -> dict[str, Callable[[], object]]:
         u = torch.randn(64, rank, device=dev, dtype=dtype)
         b_s = b.to(dtype)
         cases["Triton G/dB kernel launch"] = lambda: triton_lora.lora_grad_pass(g, b_s, u)
+        for direct in (True, False):
+            how = "direct launch" if direct else "Triton's launch"
+            cases[f"table merge launch, one weight, with its outputs ({how})"] = partial(
+                _table_call, direct, triton_lora.merge_lora_weights, [w], [b], [a], [2.0], True
+            )
+            cases[f"table G/dB launch, one member, with its outputs ({how})"] = partial(
+                _table_call, direct, triton_lora.lora_grad_pass_group, [g], [b_s], u, (rank,)
+            )
     return cases
+
+
+def _table_call(direct: bool, fn: Callable, *args: object) -> object:
+    """``fn(*args)`` with ``triton_lora.DIRECT_LAUNCH`` set to ``direct`` (restored after)."""
+    before, triton_lora.DIRECT_LAUNCH = triton_lora.DIRECT_LAUNCH, direct
+    try:
+        return fn(*args)
+    finally:
+        triton_lora.DIRECT_LAUNCH = before
 
 
 def main() -> None:

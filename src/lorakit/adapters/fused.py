@@ -98,6 +98,22 @@ STRATEGIES = ("auto", "merged", "addmm", "folded")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
 
+def _mm_out_dtype_binding() -> bool:
+    """Whether ``torch.mm`` takes ``out_dtype`` (the binding of ``aten::mm.dtype``): a direct call costs
+    less host time than going through ``torch.ops``, and eager LoRA steps wait on the host."""
+    if not _MM_TO_FLOAT32:
+        return False
+    meta = torch.empty((1, 1), dtype=torch.bfloat16, device="meta")
+    try:
+        return torch.mm(meta, meta, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_MM_OUT_DTYPE = _mm_out_dtype_binding()
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
+
+
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean keep-mask of ``x``'s shape, each element kept with probability ``1 − p``.
 
@@ -245,6 +261,8 @@ def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
         and a.dtype in (torch.bfloat16, torch.float16)
         and not torch.compiler.is_compiling()  # inductor fuses the cast itself
     ):
+        if _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
         return torch.ops.aten.mm.dtype(a, b, torch.float32)
     return (a @ b).to(dtype)
 
@@ -268,7 +286,7 @@ def _as_output(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     by a Function. A plain reshape would be one, and so would an N-D ``x @ W`` under ``torch.compile``
     (matmul's decomposition returns a view for 1-D or unfoldable inputs); ``_unsafe_view`` is what
     ``torch.matmul`` uses for the same purpose."""
-    return y2 if x.dim() == 2 else torch.ops.aten._unsafe_view(y2, (*x.shape[:-1], y2.shape[-1]))
+    return y2 if x.dim() == 2 else _UNSAFE_VIEW(y2, (*x.shape[:-1], y2.shape[-1]))
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -84,7 +84,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         u = None  # [u_i for siblings whose B trains], T × Σr: one pass over x
         if any(train_b):
             if not all(train_b):
-                parts = torch.split(a_rows, [a.shape[0] for a in factors_a])
+                parts = a_rows.split_with_sizes([a.shape[0] for a in factors_a])
                 a_rows = torch.cat([part for part, t in zip(parts, train_b, strict=True) if t])
             u = x2 @ a_rows.t()
         ctx.save_for_backward(x2 if any(train_a) else None, u, *weights, *factors_a, *factors_b, *kept)
@@ -132,11 +132,11 @@ class _LoraGroupFunction(torch.autograd.Function):
         trained_a = [i for i in with_g if train_a[i]]
         if trained_a:  # one pass over x for every dA_i
             if len(trained_a) < len(with_g):
-                parts = torch.split(gb_cat, [factors_a[i].shape[0] for i in with_g], dim=1)
+                parts = gb_cat.split_with_sizes([factors_a[i].shape[0] for i in with_g], 1)
                 gb_cat = torch.cat([p for i, p in zip(with_g, parts, strict=True) if train_a[i]], dim=1)
             d_a_cat = fused._matmul_as(gb_cat.t(), x2, factors_a[trained_a[0]].dtype)
             widths = [factors_a[i].shape[0] for i in trained_a]
-            for i, part in zip(trained_a, torch.split(d_a_cat, widths, dim=0), strict=True):
+            for i, part in zip(trained_a, d_a_cat.split_with_sizes(widths), strict=True):
                 d_a[i] = part
         if dx is not None:
             dx = dx.view(ctx.x_shape)
@@ -218,7 +218,7 @@ def _merge_siblings(
 
 
 def _split_columns(t: torch.Tensor | None, widths: list[int]) -> tuple[torch.Tensor, ...]:
-    return () if t is None else torch.split(t, widths, dim=1)
+    return () if t is None else t.split_with_sizes(widths, 1)
 
 
 def lora_linear_group(

@@ -26,6 +26,13 @@ except ImportError:  # CPU-only installs: the fused path uses torch.addmm instea
     triton = None
 
 AVAILABLE = False
+#: Launch the merge kernels (:func:`merge_lora_weight`, :func:`merge_lora_weights`) and the group G/dB kernel
+#: (:func:`lora_grad_pass_group`) in eager through the kernel that their first launch with the same
+#: specialisation compiled, without Triton's per-call work (binding and specialising every argument,
+#: building the cache key): eager LoRA steps wait on the host where the model is small or the host slow
+#: (benchmarks/RESULTS.md, "Direct kernel launches"). Needs Triton 3.3 or newer; False, or an older
+#: Triton: ``kernel[grid](...)`` on every call.
+DIRECT_LAUNCH = True
 #: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
 GROUP_GRAD_MAX_MEMBERS = 4
 merge_lora_weight = None
@@ -288,19 +295,29 @@ if triton is not None:
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         left_out = torch.empty((M, R), dtype=weight.dtype, device=weight.device)
         right_out = torch.empty((R, N), dtype=weight.dtype, device=weight.device)
-        block_r = max(16, triton.next_power_of_2(R))
         # (32, 128, 4): within 12% of the fastest at every shape of benchmarks/rank_r_kernels.py (H100)
         block_m, block_n, warps = config or (32, 128, 4)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        kernel[grid](
+        grid = (-(-M // block_m), -(-N // block_n))
+        args = (
             weight, left, right, out, left_out, right_out, M, N, R, scaling,
-            weight.stride(0), weight.stride(1), left.stride(0), left.stride(1),
-            right.stride(0), right.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            *weight.stride(), *left.stride(), *right.stride(), *out.stride(),
+        )  # fmt: skip
+        constexprs = {
+            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": max(16, 1 << (R - 1).bit_length()),
             # tf32 rounds the rank-r product to ~1e-3 of ΔW, far below a bf16/fp16 ulp of W; fp32 weights
             # keep full precision.
-            IEEE=weight.dtype == torch.float32, num_warps=warps,
+            "IEEE": weight.dtype == torch.float32,
+        }  # fmt: skip
+        if kernel is not _merge_kernel:  # the wrap_triton launch that torch.compile traces
+            kernel[grid](*args, **constexprs, num_warps=warps)
+            return out, left_out, right_out
+        # the inputs may be strided views at any offset; the new outputs are aligned
+        key = (
+            "weight", weight.dtype, left.dtype, right.dtype, *args[6:9], *args[10:],
+            weight.data_ptr() % 16 == 0, left.data_ptr() % 16 == 0, right.data_ptr() % 16 == 0,
+            *constexprs.values(), warps, weight.device.index,
         )  # fmt: skip
+        _launch_kernel(kernel, key, grid, args, constexprs, num_warps=warps)
         return out, left_out, right_out
 
     def rows_pass(
@@ -352,6 +369,52 @@ if triton is not None:
         return _launch(_merge_kernel, weight, left, right, scaling)
 
     _GROUP_TABLES: dict[tuple, tuple] = {}  # addresses, shapes, scalings -> the kernel's device tables
+    #: (kernel, everything Triton specialises it on) -> (compiled kernel, constexpr values in order)
+    _COMPILED: dict[tuple, tuple] = {}
+    # Since Triton 3.3 a compiled kernel's launcher takes every argument, constexprs included.
+    _LAUNCHER_TAKES_CONSTEXPRS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
+    _current_stream = None  # Triton's driver query, looked up on the first direct launch
+
+    def _launch_kernel(
+        kernel, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, **options: int
+    ) -> None:
+        """``kernel[grid](*args, **constexprs, **options)`` in eager, through the compiled kernel of an
+        earlier launch with the same ``key`` where :data:`DIRECT_LAUNCH` allows.
+
+        ``key`` must hold everything Triton specialises the kernel on besides the constexprs and
+        ``options``: the dtype of every pointer argument, the value of every integer argument (Triton
+        specialises on 1 and on multiples of 16) and the 16-byte alignment of every pointer argument that
+        can be unaligned (the callers pass aligned tensors everywhere else), and the device. The kernel's
+        launcher then gets what Triton's own launch would give it, without the binding and cache-key
+        work (the Triton interpreter returns no compiled kernel: it always runs ``kernel[grid]``).
+        """
+        found = _COMPILED.get(key) if DIRECT_LAUNCH else None
+        if found is None:
+            compiled = kernel[grid](*args, **constexprs, **options)
+            if DIRECT_LAUNCH and _LAUNCHER_TAKES_CONSTEXPRS and _launchable(compiled):
+                if len(_COMPILED) >= 4096:  # shapes that keep changing (token counts): start over
+                    _COMPILED.clear()
+                values = tuple(constexprs[name] for name in kernel.arg_names[len(args) :])
+                _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, values)
+            return
+        global _current_stream
+        if _current_stream is None:
+            _current_stream = triton.runtime.driver.active.get_current_stream
+        run, function, packed_metadata, values = found
+        # what Triton's launch passes after its binding: no launch metadata and no enter/exit hooks (those
+        # are set only by profilers such as Proton, which then see these launches unnamed)
+        run(
+            grid[0], grid[1], 1, _current_stream(key[-1]), function, packed_metadata, None, None, None,
+            *args, *values,
+        )  # fmt: skip
+
+    def _launchable(compiled) -> bool:
+        """Whether ``compiled`` (what ``kernel[grid](...)`` returned) is a loaded compiled kernel with the
+        launcher interface that :func:`_launch_kernel` calls."""
+        return (
+            all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
+            and compiled.function is not None
+        )
 
     def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``values`` as a tensor on ``device``; on CUDA through pinned memory, so the host does not wait."""
@@ -372,8 +435,8 @@ if triton is not None:
         return found
 
     def _group_tables(weights, lefts, rights, scalings, block_m: int) -> tuple:
-        """(table, meta, scalings, row tiles, rows, rows of A, elements of B) on the weights' device, for
-        :func:`_group_merge_kernel`."""
+        """(table, meta, scalings, row tiles, rows, rows of A, elements of B, BLOCK_R, rows per member,
+        elements of B per member) on the weights' device, for :func:`_group_merge_kernel`."""
         key = (
             "merge",
             block_m,
@@ -403,6 +466,9 @@ if triton is not None:
                 rows,
                 a_rows,
                 b_size,
+                max(16, triton.next_power_of_2(max(key[4]))),
+                list(key[3]),
+                [m * r for m, r in zip(key[3], key[4], strict=True)],
             )
 
         return _cached(key, build)
@@ -417,14 +483,15 @@ if triton is not None:
     ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
         """:func:`merge_lora_weight` for n weights of one width N, in one launch (eager only).
 
-        weights (M_k, N), lefts (M_k, r_k) and rights (r_k, N), each contiguous, the weights in one dtype
-        and the factors in another. Returns the merged weights (views into one (ΣM, N) tensor), s·right of
-        every member stacked (Σr, N), and s·left per member if ``write_left``, all in the weights' dtype.
-        One launch in place of n, with 8 runtime arguments in place of 18 each: host time that eager steps
-        wait on where the host is slow (benchmarks/RESULTS.md, "One merge launch per sibling group").
+        weights (M_k, N), lefts (M_k, r_k) and rights (r_k, N), each contiguous and at a 16-byte aligned
+        address (``fused._one_launch_applies`` checks), the weights in one dtype and the factors in
+        another. Returns the merged weights (views into one (ΣM, N) tensor), s·right of every member stacked
+        (Σr, N), and s·left per member if ``write_left``, all in the weights' dtype. One launch in place of
+        n, with 8 runtime arguments in place of 18 each: host time that eager steps wait on where the host is
+        slow (benchmarks/RESULTS.md, "One merge launch per sibling group").
         """
         block_m, block_n, warps = config or (32, 128, 4)  # as _launch; config = (BLOCK_M, BLOCK_N, warps)
-        table, meta, scales, tiles, rows, a_rows, b_size = _group_tables(
+        table, meta, scales, tiles, rows, a_rows, b_size, block_r, row_sizes, b_sizes = _group_tables(
             weights, lefts, rights, scalings, block_m
         )
         w0 = weights[0]
@@ -432,18 +499,22 @@ if triton is not None:
         out = torch.empty((rows, n_cols), dtype=w0.dtype, device=w0.device)
         a_out = torch.empty((a_rows, n_cols), dtype=w0.dtype, device=w0.device)
         b_out = torch.empty((b_size,), dtype=w0.dtype, device=w0.device) if write_left else out
-        _group_merge_kernel[(tiles, triton.cdiv(n_cols, block_n))](
-            table, meta, scales, out, a_out, b_out, lefts[0], n_cols,
-            NUM=len(weights), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_R=max(16, triton.next_power_of_2(max(f.shape[1] for f in lefts))),
-            IEEE=w0.dtype == torch.float32, WRITE_B=write_left, num_warps=warps,
+        constexprs = {
+            "NUM": len(weights), "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": block_r,
+            "IEEE": w0.dtype == torch.float32, "WRITE_B": write_left,
+        }  # fmt: skip
+        # every pointer argument is aligned: new tensors, and lefts[0] checked by the caller
+        key = ("merge", w0.dtype, lefts[0].dtype, n_cols, *constexprs.values(), warps, w0.device.index)
+        _launch_kernel(
+            _group_merge_kernel, key, (tiles, -(-n_cols // block_n)),
+            (table, meta, scales, out, a_out, b_out, lefts[0], n_cols), constexprs, num_warps=warps,
         )  # fmt: skip
         if len(weights) == 1:  # no views to cut: each costs host time
             return [out], a_out, [b_out.view(lefts[0].shape)] if write_left else None
-        merged = list(out.split([w.shape[0] for w in weights]))
+        merged = list(out.split_with_sizes(row_sizes))
         if not write_left:
             return merged, a_out, None
-        parts = b_out.split([f.numel() for f in lefts])
+        parts = b_out.split_with_sizes(b_sizes)
         return merged, a_out, [p.view(f.shape) for p, f in zip(parts, lefts, strict=True)]
 
     def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
@@ -464,10 +535,10 @@ if triton is not None:
     def _grad_meta(
         widths: tuple[int, ...], ranks: tuple[int, ...], chunk: int, device: torch.device
     ) -> tuple:
-        """(meta, elements of dB, chunks, whether any member has more than one chunk) for
-        :func:`_group_grad_kernel`, on ``device``; ``chunk`` columns per chunk (0: one per member). Shapes
-        only, so a layer's table is built once (an earlier table keyed by the gradients' addresses, which
-        change from step to step, was rebuilt and uploaded on most calls)."""
+        """(meta, elements of dB, chunks, whether any member has more than one chunk, BLOCK_R, elements of
+        dB per member) for :func:`_group_grad_kernel`, on ``device``; ``chunk`` columns per chunk (0: one per
+        member). Shapes only, so a layer's table is built once (an earlier table keyed by the gradients'
+        addresses, which change from step to step, was rebuilt and uploaded on most calls)."""
         key = ("grad", widths, ranks, chunk, device)
 
         def build() -> tuple:
@@ -476,7 +547,9 @@ if triton is not None:
                 chunks = triton.cdiv(n, chunk) if chunk else 1
                 meta += [n // 16, r, col0, db0, item0, chunks]
                 col0, db0, item0 = col0 + r, db0 + n * r, item0 + chunks
-            return _upload(meta, torch.int32, device), db0, item0, item0 > len(ranks)
+            block_r = max(16, triton.next_power_of_2(max(ranks)))
+            db_sizes = [n * r for n, r in zip(widths, ranks, strict=True)]
+            return _upload(meta, torch.int32, device), db0, item0, item0 > len(ranks), block_r, db_sizes
 
         return _cached(key, build)
 
@@ -492,11 +565,12 @@ if triton is not None:
 
         grads: dY_k (T × out_k), contiguous, out_k a multiple of 16, one dtype. b_scaled: s_kB_k (out_k ×
         r_k), contiguous, in that dtype, or None when no G is wanted. u: [u_1 … u_n] (T × Σr), contiguous,
-        or None when no dB is wanted. Returns G = [G_1 … G_n] (T × Σr, grads' dtype), ready for the group's
-        one dA GEMM, and dB_k (out_k × r_k, float32 views of one buffer). One launch and one zero fill in
-        place of 2n GEMMs (or n launches of :func:`lora_grad_pass` and n fills). ``config`` = (BLOCK_M,
-        BLOCK_N, warps, stages, CHUNK) overrides :func:`_group_grad_config`; CHUNK must be a multiple of
-        BLOCK_N (or 0).
+        or None when no dB is wanted. Every tensor at a 16-byte aligned address, as torch allocates them
+        (``fused._grad_group_applies`` checks; the kernel is compiled, and launched again directly, for
+        that). Returns G = [G_1 … G_n] (T × Σr, grads' dtype), ready for the group's one dA GEMM, and dB_k
+        (out_k × r_k, float32 views of one buffer). One launch and one zero fill in place of 2n GEMMs (or n
+        launches of :func:`lora_grad_pass` and n fills). ``config`` = (BLOCK_M, BLOCK_N, warps, stages,
+        CHUNK) overrides :func:`_group_grad_config`; CHUNK must be a multiple of BLOCK_N (or 0).
         """
         n = len(grads)
         if not 0 < n <= GROUP_GRAD_MAX_MEMBERS:
@@ -506,10 +580,10 @@ if triton is not None:
         block_m, block_n, warps, stages, chunk = config or _group_grad_config(widths, b_scaled is not None)
         if chunk % block_n:
             raise ValueError(f"lora_grad_pass_group: CHUNK {chunk} is not a multiple of BLOCK_N {block_n}")
-        meta, db_size, items, split = _grad_meta(widths, ranks, chunk, g0.device)
+        meta, db_size, items, split, block_r, db_sizes = _grad_meta(widths, ranks, chunk, g0.device)
         width = sum(ranks)
         tokens = g0.shape[0]
-        row_blocks = triton.cdiv(tokens, block_m)
+        row_blocks = -(-tokens // block_m)  # plain arithmetic: triton.cdiv costs host time per call
         with_g, with_db = b_scaled is not None, u is not None
         g_out = torch.empty((tokens, width), dtype=g0.dtype, device=g0.device) if with_g else None
         # One zero fill for dB, and for the partial-G sums and arrival counts of members split in chunks.
@@ -521,18 +595,27 @@ if triton is not None:
             zeroed = torch.zeros((db_part + g_sum_size + arrivals,), dtype=torch.float32, device=g0.device)
         dys = (*grads, *(g0,) * (GROUP_GRAD_MAX_MEMBERS - n))
         lefts = (*(b_scaled if with_g else ()), *(g0,) * (GROUP_GRAD_MAX_MEMBERS - (n if with_g else 0)))
-        _group_grad_kernel[(row_blocks, items)](
+        constexprs = {
+            "NUM": n, "BLOCK_M": block_m, "BLOCK_N": block_n,
+            "BLOCK_R": block_r, "HAS_G": with_g, "HAS_DB": with_db,
+        }  # fmt: skip
+        args = (
             meta, *dys, *lefts, u if with_db else g0, g_out if with_g else g0,
             zeroed if with_db else g0,
-            zeroed[db_part:] if g_sum_size else g0,
+            zeroed[db_part:] if g_sum_size else g0,  # 16-byte aligned: db_part is a multiple of 16
             zeroed[db_part + g_sum_size :].view(torch.int32) if g_sum_size else g0,
             tokens, width, width, chunk or 1 << 30,
-            NUM=n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max(ranks))),
-            HAS_G=with_g, HAS_DB=with_db, num_warps=warps, num_stages=stages,
         )  # fmt: skip
+        # the arrival counts are the one pointer argument whose alignment varies (with tokens × width)
+        aligned = (db_part + g_sum_size) % 4 == 0
+        key = ("grad", g0.dtype, tokens, width, chunk, aligned, *constexprs.values(), warps, stages,
+               g0.device.index)  # fmt: skip
+        _launch_kernel(
+            _group_grad_kernel, key, (row_blocks, items), args, constexprs, num_warps=warps, num_stages=stages
+        )
         if not with_db:
             return g_out, None
-        parts = zeroed[:db_part].split([out * r for out, r in zip(widths, ranks, strict=True)])
+        parts = zeroed[:db_part].split_with_sizes(db_sizes)
         return g_out, [p.view(out, r) for p, out, r in zip(parts, widths, ranks, strict=True)]
 
     @triton_op("lorakit::lora_grad_pass", mutates_args={})

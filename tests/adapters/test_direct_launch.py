@@ -1,0 +1,80 @@
+"""``triton_lora._launch_kernel``: kernels launched again through the compiled kernel of a first launch.
+
+The GPU benchmark checks the direct launches of the real kernels against float64 (``throughput.py``,
+``check_grouped`` runs each case through Triton's launch and then the direct one). Here, without a GPU, a
+stand-in kernel checks what the launcher is given: Triton's launch the first time, then the compiled
+kernel's launcher with the arguments in the order Triton passes them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton", reason="Triton is not installed (the kernels are GPU-only; pip install triton)")
+
+from lorakit.adapters import triton_lora as tk
+
+pytestmark = pytest.mark.skipif(not tk.AVAILABLE, reason="triton_lora did not load its kernels")
+
+
+class _Compiled:
+    """What ``kernel[grid](...)`` returns: a loaded kernel whose launcher records its calls."""
+
+    def __init__(self, calls: list) -> None:
+        self.function = "cu-function"
+        self.packed_metadata = ("metadata",)
+        self.run = lambda *launch: calls.append(("direct", launch))
+
+
+class _Kernel:
+    """A stand-in ``@triton.jit`` kernel with two runtime arguments and two constexprs."""
+
+    arg_names = ("x_ptr", "n", "BLOCK", "FLAG")
+
+    def __init__(self, compiled: bool = True) -> None:
+        self.calls: list = []
+        self.compiled = compiled
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            return _Compiled(self.calls) if self.compiled else None
+
+        return launch
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    monkeypatch.setattr(tk, "_COMPILED", {})
+    monkeypatch.setattr(tk, "_current_stream", lambda device: f"stream-{device}")
+    monkeypatch.setattr(tk, "DIRECT_LAUNCH", True)
+    return tk._launch_kernel
+
+
+def test_first_launch_compiles_then_the_compiled_kernel_is_launched_directly(launcher) -> None:
+    kernel = _Kernel()
+    # constexprs given out of signature order: the launcher must get them in the kernel's order
+    constexprs = {"FLAG": True, "BLOCK": 64}
+    launcher(kernel, ("k", 0), (3, 2), ("x", 10), constexprs, num_warps=4)
+    assert kernel.calls == [("triton", (3, 2), ("x", 10), {"FLAG": True, "BLOCK": 64, "num_warps": 4})]
+    launcher(kernel, ("k", 0), (5, 1), ("y", 12), constexprs, num_warps=4)
+    assert kernel.calls[1] == (
+        "direct",
+        (5, 1, 1, "stream-0", "cu-function", ("metadata",), None, None, None, "y", 12, 64, True),
+    )
+    launcher(kernel, ("k", 1), (5, 1), ("y", 12), constexprs, num_warps=4)  # another key: Triton again
+    assert kernel.calls[2][0] == "triton"
+
+
+def test_no_direct_launch_when_switched_off_or_without_a_compiled_kernel(launcher, monkeypatch) -> None:
+    interpreted = _Kernel(compiled=False)  # the Triton interpreter returns no compiled kernel
+    for _ in range(2):
+        launcher(interpreted, ("k",), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+    assert [c[0] for c in interpreted.calls] == ["triton", "triton"]
+    assert tk._COMPILED == {}
+    monkeypatch.setattr(tk, "DIRECT_LAUNCH", False)
+    kernel = _Kernel()
+    for _ in range(2):
+        launcher(kernel, ("k",), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+    assert [c[0] for c in kernel.calls] == ["triton", "triton"]
+    assert tk._COMPILED == {}
