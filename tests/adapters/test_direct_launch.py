@@ -8,6 +8,8 @@ kernel's launcher with the arguments in the order Triton passes them.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed (the kernels are GPU-only; pip install triton)")
@@ -44,7 +46,23 @@ class _Kernel:
 
 
 @pytest.fixture
-def launcher(monkeypatch):
+def current(monkeypatch) -> list:
+    """The devices made current around launches (a stand-in for ``torch.cuda.device``); device 0 is
+    current otherwise."""
+    entered: list = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(tk.torch.cuda, "device", device)
+    monkeypatch.setattr(tk, "_current_device", lambda: 0)
+    return entered
+
+
+@pytest.fixture
+def launcher(monkeypatch, current):
     monkeypatch.setattr(tk, "_COMPILED", {})
     monkeypatch.setattr(tk, "_current_stream", lambda device: f"stream-{device}")
     monkeypatch.setattr(tk, "DIRECT_LAUNCH", True)
@@ -62,19 +80,28 @@ def test_first_launch_compiles_then_the_compiled_kernel_is_launched_directly(lau
         "direct",
         (5, 1, 1, "stream-0", "cu-function", ("metadata",), None, None, None, "y", 12, 64, True),
     )
-    launcher(kernel, ("k", 1), (5, 1), ("y", 12), constexprs, num_warps=4)  # another key: Triton again
+    launcher(kernel, ("k2", 0), (5, 1), ("y", 12), constexprs, num_warps=4)  # another key: Triton again
     assert kernel.calls[2][0] == "triton"
+
+
+def test_tensors_on_another_gpu_launch_through_triton_with_their_device_current(launcher, current) -> None:
+    kernel = _Kernel()
+    for _ in range(2):
+        launcher(kernel, ("k", 1), (2, 2), ("x", 8), {"BLOCK": 16, "FLAG": True})
+    assert [c[0] for c in kernel.calls] == ["triton", "triton"]
+    assert current == [1, 1]
+    assert tk._COMPILED == {}
 
 
 def test_no_direct_launch_when_switched_off_or_without_a_compiled_kernel(launcher, monkeypatch) -> None:
     interpreted = _Kernel(compiled=False)  # the Triton interpreter returns no compiled kernel
     for _ in range(2):
-        launcher(interpreted, ("k",), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+        launcher(interpreted, ("k", None), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
     assert [c[0] for c in interpreted.calls] == ["triton", "triton"]
     assert tk._COMPILED == {}
     monkeypatch.setattr(tk, "DIRECT_LAUNCH", False)
     kernel = _Kernel()
     for _ in range(2):
-        launcher(kernel, ("k",), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+        launcher(kernel, ("k", 0), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
     assert [c[0] for c in kernel.calls] == ["triton", "triton"]
     assert tk._COMPILED == {}

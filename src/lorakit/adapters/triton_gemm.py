@@ -191,7 +191,12 @@ if triton is not None and hasattr(tl, "make_tensor_descriptor") and hasattr(trit
         v_rn: bool,
         config: GemmConfig | None = None,
     ) -> torch.Tensor:
-        """Launch the kernel with ``config``, or :func:`config_for`'s choice."""
+        """Launch the kernel with ``config``, or :func:`config_for`'s choice, on ``a``'s GPU."""
+        if a.is_cuda and a.device.index != torch.cuda.current_device():
+            # Triton launches (and allocates its descriptor scratch) on the current device: a model split
+            # over GPUs in one process runs layers on others
+            with torch.cuda.device(a.device):
+                return launch(a, b, u, v, bias, b_kn, v_rn, config)
         a, b, u, v = (_tma_ready(t) for t in (a, b, u, v))
         M, K = a.shape
         N = b.shape[1] if b_kn else b.shape[0]

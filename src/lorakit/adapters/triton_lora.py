@@ -332,8 +332,12 @@ if triton is not None:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(a @ right, aᵀ @ u)`` from one read of ``a`` (M×N); either side may be skipped (None).
 
-        ``a @ right`` (M×R) comes back in a's dtype, ``aᵀ @ u`` (N×R) in float32.
+        ``a @ right`` (M×R) comes back in a's dtype, ``aᵀ @ u`` (N×R) in float32. In eager (``kernel``
+        None) on ``a``'s GPU, made current for the launch where it is not (``_launch_kernel`` says why).
         """
+        if kernel is None and a.is_cuda and a.device.index != torch.cuda.current_device():
+            with torch.cuda.device(a.device):
+                return rows_pass(a, right, u, block_m, block_n, num_warps, num_stages)
         M, N = a.shape
         R = (right if right is not None else u).shape[1]
         rows = torch.empty((M, R), dtype=a.dtype, device=a.device) if right is not None else None
@@ -374,6 +378,7 @@ if triton is not None:
     # Since Triton 3.3 a compiled kernel's launcher takes every argument, constexprs included.
     _LAUNCHER_TAKES_CONSTEXPRS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
     _current_stream = None  # Triton's driver query, looked up on the first direct launch
+    _current_device = None  # torch.cuda.current_device, looked up on the first launch
 
     def _launch_kernel(
         kernel, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, **options: int
@@ -387,7 +392,20 @@ if triton is not None:
         can be unaligned (the callers pass aligned tensors everywhere else), and the device. The kernel's
         launcher then gets what Triton's own launch would give it, without the binding and cache-key
         work (the Triton interpreter returns no compiled kernel: it always runs ``kernel[grid]``).
+
+        ``key[-1]`` is the device index of the tensors (None on CPU, under the interpreter). Triton
+        launches on the current device, so tensors on another GPU of this process (a model split over
+        GPUs) are launched with their device made current, through Triton's own launch.
         """
+        global _current_device, _current_stream
+        device = key[-1]
+        if device is not None:
+            if _current_device is None:
+                _current_device = torch.cuda.current_device
+            if device != _current_device():
+                with torch.cuda.device(device):
+                    kernel[grid](*args, **constexprs, **options)
+                return
         found = _COMPILED.get(key) if DIRECT_LAUNCH else None
         if found is None:
             compiled = kernel[grid](*args, **constexprs, **options)
@@ -397,7 +415,6 @@ if triton is not None:
                 values = tuple(constexprs[name] for name in kernel.arg_names[len(args) :])
                 _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, values)
             return
-        global _current_stream
         if _current_stream is None:
             _current_stream = triton.runtime.driver.active.get_current_stream
         run, function, packed_metadata, values = found

@@ -1,0 +1,49 @@
+"""The fused path's GPU check on both GPUs of a process whose current device is the first.
+
+A model split over GPUs in one process (``device_map``-style placement) runs adapted layers on a GPU that
+is not the current device. Triton launches on the current device, so lorakit makes the tensors' device
+current around such launches (``triton_lora._launch_kernel``). This runs ``throughput.py``'s float64 check
+(every case twice: Triton's launch, then the direct one) with all tensors on ``cuda:0``, the current
+device, and then on ``cuda:1`` while ``cuda:0`` stays current, and exits non-zero if any case disagrees.
+Needs two GPUs.
+
+    cd benchmarks && PYTHONPATH=../src python3 second_gpu_check.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from throughput import check_fused, check_grouped
+
+logger = logging.getLogger("second_gpu_check")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("second_gpu_check.py needs two CUDA GPUs")
+    torch.cuda.set_device(0)
+    results = {
+        f"{check.__name__} on {device}": check(device)
+        for device in ("cuda:0", "cuda:1")
+        for check in (check_fused, check_grouped)
+    }
+    summary = {
+        name: {
+            "ok": result["ok"],
+            "cases": len(result["cases"]),
+            "worst_rel_err": max(
+                e for case in result["cases"] for e in case["rel_err"].values() if e is not None
+            ),
+        }
+        for name, result in results.items()
+    }
+    logger.info("%s", json.dumps({"current_device": torch.cuda.current_device(), **summary}))
+    return 0 if all(s["ok"] for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
