@@ -105,3 +105,22 @@ def test_no_direct_launch_when_switched_off_or_without_a_compiled_kernel(launche
         launcher(kernel, ("k", 0), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
     assert [c[0] for c in kernel.calls] == ["triton", "triton"]
     assert tk._COMPILED == {}
+
+
+def test_a_launcher_that_takes_other_arguments_turns_direct_launches_off(launcher, caplog) -> None:
+    kernel = _Kernel()
+    launcher(kernel, ("k", 0), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+
+    def other_interface(*launch):
+        raise TypeError("function takes exactly 14 arguments (13 given)")
+
+    _, *rest = tk._COMPILED[("k", 0)]
+    tk._COMPILED[("k", 0)] = (other_interface, *rest)
+    with caplog.at_level("WARNING", logger=tk.__name__):
+        launcher(kernel, ("k", 0), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+    # the failed direct call launched nothing; Triton's launch ran instead, and does from now on
+    assert [c[0] for c in kernel.calls] == ["triton", "triton"]
+    assert tk.DIRECT_LAUNCH is False and tk._COMPILED == {}
+    assert "DIRECT_LAUNCH" in caplog.text
+    launcher(kernel, ("k", 0), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
+    assert [c[0] for c in kernel.calls] == ["triton", "triton", "triton"]

@@ -16,7 +16,11 @@ functions are None, and callers fall back to torch ops. The kernels are register
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 try:
     import triton
@@ -31,7 +35,8 @@ AVAILABLE = False
 #: specialisation compiled, without Triton's per-call work (binding and specialising every argument,
 #: building the cache key): eager LoRA steps wait on the host where the model is small or the host slow
 #: (benchmarks/RESULTS.md, "Direct kernel launches"). Needs Triton 3.3 or newer; False, or an older
-#: Triton: ``kernel[grid](...)`` on every call.
+#: Triton: ``kernel[grid](...)`` on every call. A Triton whose launcher refuses the arguments turns it off,
+#: with a warning.
 DIRECT_LAUNCH = True
 #: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
 GROUP_GRAD_MAX_MEMBERS = 4
@@ -418,12 +423,29 @@ if triton is not None:
         if _current_stream is None:
             _current_stream = triton.runtime.driver.active.get_current_stream
         run, function, packed_metadata, values = found
-        # what Triton's launch passes after its binding: no launch metadata and no enter/exit hooks (those
-        # are set only by profilers such as Proton, which then see these launches unnamed)
-        run(
-            grid[0], grid[1], 1, _current_stream(key[-1]), function, packed_metadata, None, None, None,
-            *args, *values,
-        )  # fmt: skip
+        try:
+            # what Triton's launch passes after its binding: no launch metadata and no enter/exit hooks
+            # (those are set only by profilers such as Proton, which then see these launches unnamed)
+            run(
+                grid[0], grid[1], 1, _current_stream(key[-1]), function, packed_metadata, None, None, None,
+                *args, *values,
+            )  # fmt: skip
+        except TypeError as error:  # a Triton whose launcher takes other arguments: nothing was launched
+            _stop_direct_launches(error)
+            kernel[grid](*args, **constexprs, **options)
+
+    def _stop_direct_launches(error: Exception) -> None:
+        """Turn :data:`DIRECT_LAUNCH` off for this process, with a warning naming the cause."""
+        global DIRECT_LAUNCH
+        DIRECT_LAUNCH = False
+        _COMPILED.clear()
+        logger.warning(
+            "lorakit: launching Triton %s kernels directly failed (%s); every launch goes through Triton "
+            "from now on (slower on the host). Set lorakit.adapters.triton_lora.DIRECT_LAUNCH = False to "
+            "silence this.",
+            triton.__version__,
+            error,
+        )
 
     def _launchable(compiled) -> bool:
         """Whether ``compiled`` (what ``kernel[grid](...)`` returned) is a loaded compiled kernel with the
