@@ -190,6 +190,18 @@ def _case_errors(
     return errs, worst <= CHECK_TOL[dtype]
 
 
+def _both_launches(run: Callable[[], list]) -> list[list]:
+    """``run()`` twice with empty kernel caches: the first launches each Triton kernel through Triton, the
+    second directly through the compiled kernel of the first (``triton_lora.DIRECT_LAUNCH``). Afterwards the
+    library switches are back at lorakit's defaults (the check cases set some before calling)."""
+    if triton_lora.AVAILABLE:
+        triton_lora._COMPILED.clear()
+    try:
+        return [run() for _ in ("triton launch", "direct launch")]
+    finally:
+        set_library_flags("lorakit")
+
+
 def _worse_of(
     names: Sequence[str],
     runs: Sequence[Sequence[torch.Tensor | None]],
@@ -205,7 +217,7 @@ def _worse_of(
 
 def check_fused(device: str, tokens: int = 4096) -> dict:
     """Fused path (bf16 and fp32 on ``device``) vs the reference in float64, fresh random inputs per case.
-    Each case runs twice with fresh kernel caches, as in :func:`check_grouped`; the worse run counts."""
+    Each case runs twice (:func:`_both_launches`); the worse run counts."""
     results, ok = [], True
     folded_runs = triton_gemm.AVAILABLE and triton_gemm.supports_device(torch.device(device))  # Hopper
     cases = [
@@ -263,20 +275,15 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
 
         fused.GRAD_PASS_IN_EAGER = not strategy.endswith("+cublasgrad")
         fused.UNMERGED_INPUT_GRAD = not strategy.endswith("+remerge")
-        if triton_lora.AVAILABLE:
-            triton_lora._COMPILED.clear()
-        try:  # twice: Triton's launch of each kernel, then the direct one (triton_lora.DIRECT_LAUNCH)
-            runs = [
-                run(
-                    lora_linear,
-                    dtype,
-                    strategy=strategy.split("+")[0],
-                    save_merged_weight=strategy.endswith("+saved"),
-                )
-                for _ in ("triton launch", "direct launch")
-            ]
-        finally:
-            set_library_flags("lorakit")  # the defaults
+        runs = _both_launches(
+            partial(
+                run,
+                lora_linear,
+                dtype,
+                strategy=strategy.split("+")[0],
+                save_merged_weight=strategy.endswith("+saved"),
+            )
+        )
         want = run(reference_lora_linear, torch.float64)
         errs, passed = _worse_of(("y", "dx", "dA", "dB"), runs, want, dtype)
         ok &= passed
@@ -314,9 +321,7 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
     """Sibling groups (``grouped.lora_linear_group``, bf16 and fp32, with and without the one-pass G/dB
     kernel) vs the reference in float64 per sibling: three siblings of one input, with biases, at ``tokens``
     (T ≥ 2·Σout: backward's dX on the rebuilt merged weights) and ``tokens // 4`` (dX without them). Each
-    case runs twice with fresh kernel caches: the first launches the merge and G/dB kernels through
-    Triton's own launch, the second through the compiled kernels of the first (``triton_lora.DIRECT_LAUNCH``);
-    the worse of the two counts."""
+    case runs twice (:func:`_both_launches`: Triton's launch, then the direct one); the worse run counts."""
     results, ok = [], True
     gen = torch.Generator(device=device).manual_seed(4321)
     in_f, outs, r = 1024, (1024, 256, 256), 16
@@ -336,12 +341,7 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
             "grads": [randn(rows // 2, 2, o).to(dtype) for o in outs],
         }
         fused.GRAD_PASS_IN_EAGER = bool(grad_pass)
-        if triton_lora.AVAILABLE:
-            triton_lora._COMPILED.clear()
-        try:
-            runs = [_grouped_run(case, dtype, train, group=True) for _ in ("triton launch", "direct launch")]
-        finally:
-            set_library_flags("lorakit")
+        runs = _both_launches(partial(_grouped_run, case, dtype, train, group=True))
         want = _grouped_run(case, torch.float64, train, group=False)
         n = len(outs)
         names = (

@@ -383,7 +383,7 @@ if triton is not None:
     # Since Triton 3.3 a compiled kernel's launcher takes every argument, constexprs included.
     _LAUNCHER_TAKES_CONSTEXPRS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
     _current_stream = None  # Triton's driver query, looked up on the first direct launch
-    _current_device = None  # torch.cuda.current_device, looked up on the first launch
+    _current_device = torch.cuda.current_device
 
     def _launch_kernel(
         kernel, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, **options: int
@@ -402,15 +402,12 @@ if triton is not None:
         launches on the current device, so tensors on another GPU of this process (a model split over
         GPUs) are launched with their device made current, through Triton's own launch.
         """
-        global _current_device, _current_stream
+        global _current_stream
         device = key[-1]
-        if device is not None:
-            if _current_device is None:
-                _current_device = torch.cuda.current_device
-            if device != _current_device():
-                with torch.cuda.device(device):
-                    kernel[grid](*args, **constexprs, **options)
-                return
+        if device is not None and device != _current_device():
+            with torch.cuda.device(device):
+                kernel[grid](*args, **constexprs, **options)
+            return
         found = _COMPILED.get(key) if DIRECT_LAUNCH else None
         if found is None:
             compiled = kernel[grid](*args, **constexprs, **options)
