@@ -7,7 +7,9 @@ median, L2 flushed):
 * ``cublas``: two GEMMs per sibling, as the library runs with ``fused.GRAD_PASS_IN_EAGER`` off;
 * one launch of the group kernel at each configuration (BLOCK_M, BLOCK_N, warps, stages, CHUNK), with G
   and dB (A and B trained) and with dB only (A frozen). CHUNK > 0 splits each member's columns into
-  chunks of that many, each its own program (partial G rows summed in float32); 0 keeps one per member.
+  chunks of that many, each its own program (partial G rows summed in float32); 0 keeps one per member;
+* the default configuration with G only (``g``), to see what dB's part costs;
+* ``read``: a floor, torch summing every dY_i (one read).
 
 Configurations that do not fit in shared memory are skipped. Every other one's G and dB are first checked
 against float64 (bf16 rel. err ≤ 1e-2); the run stops at the first that disagrees. The bandwidth counts one
@@ -71,6 +73,11 @@ def measure(names: tuple[str, ...], tokens: int) -> dict:
         f"cublas_{kind}_ms": bench_ms(lambda w=w: cublas(w), 200)
         for kind, w in (("g_db", True), ("db", False))
     }
+    row["read_ms"] = bench_ms(lambda: [g.sum() for g in grads], 200)
+    g_only, _ = triton_lora.lora_grad_pass_group(grads, b_s, None, ranks)
+    if rel_err(g_only, want_g) > 1e-2:
+        raise SystemExit(f"{'/'.join(names)} G only: rel. err {rel_err(g_only, want_g):.2e} against float64")
+    row["default_g_ms"] = bench_ms(lambda: triton_lora.lora_grad_pass_group(grads, b_s, None, ranks), 200)
     for config in CONFIGS:
         label = "x".join(map(str, config))
         for with_g in (True, False):
@@ -92,6 +99,10 @@ def measure(names: tuple[str, ...], tokens: int) -> dict:
             )
             row[f"{label}_{'g_db' if with_g else 'db'}_ms"] = ms
     nbytes = 2 * tokens * sum(outs)
+    logger.info(
+        "%-8s read floor %.1f µs (%.2f TB/s); G only at the default %.1f µs",
+        "/".join(names), row["read_ms"] * 1e3, nbytes / row["read_ms"] / 1e9, row["default_g_ms"] * 1e3,
+    )  # fmt: skip
     for kind in ("g_db", "db"):
         default = "x".join(map(str, triton_lora._group_grad_config(outs, kind == "g_db")))
         mine = {k[: -len(f"_{kind}_ms")]: v for k, v in row.items() if k.endswith(f"_{kind}_ms")}
@@ -111,7 +122,11 @@ def main() -> None:
     rows = {label: measure(names, args.tokens) for label, names in GROUPS.items()}
     totals = {k: args.layers * sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
     for kind in ("g_db", "db"):
-        mine = {k: v for k, v in totals.items() if k.endswith(f"_{kind}_ms") and not k.startswith("cublas")}
+        mine = {
+            k: v
+            for k, v in totals.items()
+            if k.endswith(f"_{kind}_ms") and not k.startswith(("cublas", "default"))
+        }
         best = min(mine, key=mine.get)
         logger.info(
             "per step, %s (ms): cuBLAS %.2f; best single configuration %s %.2f",

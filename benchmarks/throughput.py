@@ -48,6 +48,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # (fused.ONE_LAUNCH_MERGE off). Backward rebuilding the merged weight for dX everywhere, also where
 # dX = (G·sB) A + G W0 moves fewer bytes (fused.UNMERGED_INPUT_GRAD off; -remerge). The merge and G/dB
 # kernels launched through Triton's own launch on every call (triton_lora.DIRECT_LAUNCH off; -jitlaunch).
+# down_proj keeping its input x = act(gate) * up for dA instead of the two factors autograd keeps anyway
+# (fused.RECOMPUTE_PRODUCT_INPUT off; -keepinput).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -66,6 +68,7 @@ EXTRA_VARIANTS = [
     "lorakit-frozenA-remerge",
     "lorakit-jitlaunch",
     "lorakit-frozenA-jitlaunch",
+    "lorakit-keepinput",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -91,6 +94,7 @@ PEER = {
     "lorakit-frozenA-remerge": "peft-bf16-frozenA",
     "lorakit-jitlaunch": "peft-bf16",
     "lorakit-frozenA-jitlaunch": "peft-bf16-frozenA",
+    "lorakit-keepinput": "peft-bf16",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -109,6 +113,7 @@ TARGET_VS_NONE = {
     "lorakit-frozenA-remerge": 0.97,
     "lorakit-jitlaunch": 0.95,
     "lorakit-frozenA-jitlaunch": 0.97,
+    "lorakit-keepinput": 0.95,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -124,6 +129,7 @@ PROFILED = (
     "lorakit-remerge",
     "lorakit-frozenA-remerge",
     "lorakit-jitlaunch",
+    "lorakit-keepinput",
 )
 CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 # Any variant + this suffix steps AdamW(fused=True) (one kernel per step) instead of torch's default on CUDA
@@ -139,14 +145,15 @@ def base_variant(variant: str) -> tuple[str, bool]:
 
 def set_library_flags(variant: str) -> tuple[str, bool]:
     """Set lorakit's module switches for ``variant`` (``fused.TRITON_KERNELS``, ``GRAD_PASS_IN_EAGER``,
-    ``ONE_LAUNCH_MERGE``, ``FOLDED_GEMM``, ``UNMERGED_INPUT_GRAD``, ``triton_lora.DIRECT_LAUNCH``); returns
-    :func:`base_variant`'s pair."""
+    ``ONE_LAUNCH_MERGE``, ``FOLDED_GEMM``, ``UNMERGED_INPUT_GRAD``, ``RECOMPUTE_PRODUCT_INPUT``,
+    ``triton_lora.DIRECT_LAUNCH``); returns :func:`base_variant`'s pair."""
     variant, fused_optimizer = base_variant(variant)
     fused.TRITON_KERNELS = TRITON_KERNELS.get(variant, frozenset(fused.TRITON_KERNEL_NAMES))
     fused.GRAD_PASS_IN_EAGER = not variant.endswith("-cublasgrad")
     fused.ONE_LAUNCH_MERGE = not variant.endswith("-mergeeach")
     fused.FOLDED_GEMM = variant.endswith("-folded")
     fused.UNMERGED_INPUT_GRAD = not variant.endswith("-remerge")
+    fused.RECOMPUTE_PRODUCT_INPUT = not variant.endswith("-keepinput")
     triton_lora.DIRECT_LAUNCH = not variant.endswith("-jitlaunch")
     return variant, fused_optimizer
 
@@ -298,6 +305,59 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
                 "pass": passed,
             }
         )
+    return {"ok": ok, "cases": results}
+
+
+def check_product(device: str, tokens: int = 4096) -> dict:
+    """A layer whose input is the product of two tensors that require grad (``down_proj(act(gate) * up)``,
+    ``fused.RECOMPUTE_PRODUCT_INPUT``): outputs and the gradients of both factors, A and B against float64,
+    bf16 and fp32, merged and addmm. Each case runs twice (:func:`_both_launches`); the worse run counts. A
+    bf16 case that did not take dA from the factors through ``triton_lora.product_grad`` fails."""
+    results, ok = [], True
+    gen = torch.Generator(device=device).manual_seed(2468)
+    in_f, out_f, r = 4096, 1024, 16
+    launches = []
+    if triton_lora.AVAILABLE:
+        real = triton_lora.product_grad
+        triton_lora.product_grad = lambda *args: launches.append(1) or real(*args)
+    try:
+        for dtype, train, strategy in itertools.product(
+            (torch.bfloat16, torch.float32), ("AB", "A"), ("merged", "addmm")
+        ):
+            left, right = (torch.randn(tokens // 2, 2, in_f, device=device, generator=gen) for _ in "ab")
+            w = torch.randn(out_f, in_f, device=device, generator=gen) / in_f**0.5
+            a = torch.randn(r, in_f, device=device, generator=gen) / in_f**0.5
+            b = torch.randn(out_f, r, device=device, generator=gen) * 0.1
+            g = torch.randn(tokens // 2, 2, out_f, device=device, generator=gen)
+
+            def run(fn, cast, left=left, right=right, w=w, a=a, b=b, g=g, train=train, **kw):
+                factor = torch.float64 if cast == torch.float64 else torch.float32
+                ls, rs = (t.to(cast).clone().requires_grad_(True) for t in (left, right))
+                a_ = a.to(factor).clone().requires_grad_("A" in train)
+                b_ = b.to(factor).clone().requires_grad_("B" in train)
+                y = fn(ls * rs, w.to(cast), None, a_, b_, 2.0, **kw)
+                y.backward(g.to(cast))
+                return [y, ls.grad, rs.grad, a_.grad, b_.grad]
+
+            launches.clear()
+            runs = _both_launches(partial(run, lora_linear, dtype, strategy=strategy))
+            want = run(reference_lora_linear, torch.float64)
+            errs, passed = _worse_of(("y", "d_left", "d_right", "dA", "dB"), runs, want, dtype)
+            on_gpu_kernel = dtype != torch.float32 and fused._use_triton("grad", left)
+            kernel_ran = len(launches) == 2 or not on_gpu_kernel
+            ok &= passed and kernel_ran
+            results.append(
+                {
+                    "dtype": str(dtype),
+                    "train": train,
+                    "strategy": f"{strategy}+productinput",
+                    "rel_err": errs,
+                    "pass": passed and kernel_ran,
+                }
+            )
+    finally:
+        if triton_lora.AVAILABLE:
+            triton_lora.product_grad = real
     return {"ok": ok, "cases": results}
 
 
@@ -840,9 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     lorakit_ok = False
     if not args.skip_check:
         report["check"] = check_fused(device)
-        group_check = check_grouped(device)
-        report["check"]["cases"] += group_check["cases"]
-        report["check"]["ok"] &= group_check["ok"]
+        for extra in (check_grouped(device), check_product(device)):
+            report["check"]["cases"] += extra["cases"]
+            report["check"]["ok"] &= extra["ok"]
         lorakit_ok = report["check"]["ok"]
         for case in report["check"]["cases"]:
             LOG.info("check %s", case)

@@ -461,3 +461,56 @@ def test_group_grad_kernel_and_grouped_function_under_the_interpreter() -> None:
     """One launch for a sibling group's G_i and dB_i (``fused.GRAD_PASS_IN_EAGER``): against float64 at the
     kernel, in the grouped Function for uniform and mixed trainable factors, and in an injected model."""
     _interpret(GROUP_GRAD_CHECK)
+
+
+PRODUCT_GRAD_CHECK = textwrap.dedent(
+    """
+    import torch
+    from lorakit.adapters import fused
+    from lorakit.adapters import triton_lora as tk
+
+    assert tk.AVAILABLE
+    torch.manual_seed(0)
+    # ragged rows and columns; row chunks of one block and of several; one chunk for every row
+    for tokens, n_cols, rank, config in [
+        (70, 100, 8, (16, 32, 4, 1, 32)),
+        (64, 48, 16, (16, 16, 4, 1, 16)),
+        (33, 40, 4, None),
+    ]:
+        a, b = torch.randn(tokens, n_cols).half(), torch.randn(tokens, n_cols).half()
+        g = torch.randn(tokens, rank).half()
+        got = tk.product_grad(g, a, b, config)
+        # the kernel rounds the product as torch's half multiplication does
+        want = g.double().t() @ (a * b).double()
+        assert got.dtype == torch.float32 and got.shape == (rank, n_cols)
+        error = float((got.double() - want).abs().max() / want.abs().max())
+        assert error < 1e-5, (tokens, n_cols, rank, config, error)
+
+    # the layer's backward goes through the kernel for a half-precision product input
+    fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS
+    launches = []
+    real = tk.product_grad
+    tk.product_grad = lambda *args: launches.append(1) or real(*args)
+    x = torch.randn(40, 24).half().requires_grad_(True)
+    w_gate, w_up = torch.randn(32, 24).half() / 5, torch.randn(32, 24).half() / 5
+    h = torch.nn.functional.silu(x @ w_gate.t()) * (x @ w_up.t())
+    lora_a = (torch.randn(4, 32) / 6).requires_grad_(True)
+    lora_b = torch.randn(24, 4).requires_grad_(True)
+    w_down = torch.randn(24, 32).half() / 6
+    y_half = fused.lora_linear(h, w_down, None, lora_a, lora_b, 2.0, strategy="addmm")
+    y_half.float().square().sum().backward()
+    assert launches == [1]
+    # y = h W_downᵀ + s (h Aᵀ) Bᵀ and the loss Σ y²: dA = s (2y B)ᵀ h, in float64
+    h64, a64, b64 = h.detach().double(), lora_a.detach().double(), lora_b.detach().double()
+    y = h64 @ w_down.double().t() + 2.0 * (h64 @ a64.t()) @ b64.t()
+    want = 2.0 * (2 * y @ b64).t() @ h64
+    error = float((lora_a.grad.double() - want).norm() / want.norm())
+    assert error < 2e-2, error
+    """
+)
+
+
+def test_product_grad_kernel_under_the_interpreter() -> None:
+    """dA = Gᵀ (a ⊙ b) without writing the product (``fused.RECOMPUTE_PRODUCT_INPUT``): against float64, and
+    in the layer's backward."""
+    _interpret(PRODUCT_GRAD_CHECK)

@@ -33,8 +33,10 @@ Three strategies compute exactly this function; ``lora_linear`` picks the one th
   and no extra pass over an activation. Asked for by name, or by ``"auto"`` with :data:`FOLDED_GEMM` set;
   on an H100 it tied with ``"merged"`` per compiled step, so ``"auto"`` does not pick it by default.
 
-All save ``x`` only when ``A`` is trainable and ``u`` (T×r) only when ``B`` is trainable, compute
-``dA``/``dB`` only for trainable factors (on CUDA the GEMM writes them in float32 directly; under
+All save ``x`` only when ``A`` is trainable (in eager, where ``x = a * b`` is a product whose operands
+autograd keeps anyway, as in a gated MLP's down projection, those operands instead:
+:data:`RECOMPUTE_PRODUCT_INPUT`) and ``u`` (T×r) only when ``B`` is trainable, compute ``dA``/``dB`` only
+for trainable factors (on CUDA the GEMM writes them in float32 directly; under
 ``torch.compile`` with Triton one kernel reads ``G`` once for both ``G · sB`` and ``dB``), keep ``A``/``B``
 as float32 masters and cast only these r-sized factors to ``x``'s dtype (never ``x`` up). The output is
 returned as a non-view tensor, so in-place ops after the layer work. Everything is torch ops, the registered
@@ -94,6 +96,12 @@ ONE_LAUNCH_MERGE = True
 #: Let the ``"merged"`` strategy's backward compute dX without the merged weight where that moves fewer
 #: bytes (:func:`_merge_for_input_grad`). False: backward always rebuilds the merged weight.
 UNMERGED_INPUT_GRAD = True
+#: With A trained and no dropout, where a layer's input x is the product ``a * b`` of two tensors that
+#: autograd keeps for that multiplication's own backward (``down_proj(act(gate_proj(h)) * up_proj(h))`` in
+#: Llama-style gated MLPs), save a and b for dA = (G·sB)ᵀ x instead of x (:func:`_product_factors`): x, the
+#: widest activation of such a block, is then kept by nothing and freed after forward. Eager only; False:
+#: save x.
+RECOMPUTE_PRODUCT_INPUT = True
 STRATEGIES = ("auto", "merged", "addmm", "folded")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
 
@@ -267,6 +275,54 @@ def _matmul_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return (a @ b).to(dtype)
 
 
+def _product_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(a, b)`` where ``x`` is the output of ``a * b`` and autograd saved both operands for that
+    multiplication's backward (both require grad), with x's shape, dtype and device (no broadcast, no
+    promotion, so ``a * b`` gives x again bit for bit); else None.
+
+    Not under ``torch.compile`` (no autograd graph to read while tracing; the partitioner decides what
+    to keep there) or saved-tensor hooks (offloading, checkpointing: reading a saved operand in forward
+    would run their unpack hook), and only with :data:`RECOMPUTE_PRODUCT_INPUT`.
+    """
+    if not RECOMPUTE_PRODUCT_INPUT or torch.compiler.is_compiling():  # first: grad_fn breaks a traced graph
+        return None
+    node = x.grad_fn
+    if node is None or node.name() != "MulBackward0" or _saved_tensor_hooks_active():
+        return None
+    try:
+        factors = (node._saved_self, node._saved_other)
+    except RuntimeError:  # an operand was modified in place since: autograd refuses to unpack it
+        return None
+    if all(
+        isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
+        for t in factors
+    ):
+        return factors
+    return None
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are set (``torch.autograd.graph.saved_tensors_hooks``); True where this
+    torch cannot tell."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(True) is not None
+
+
+def _product_grad(gb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dA = gbᵀ (a ⊙ b)`` in ``dtype`` for a layer whose input was ``a * b`` (:func:`_product_factors`); a
+    and b are (T × in) rows. On CUDA with Triton one kernel reads a and b without writing the product
+    (:func:`triton_lora.product_grad`); otherwise the product is formed again by torch, as in forward."""
+    if (
+        _use_triton("grad", a)
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and _table_launch_allowed((a, b, gb))  # eager, contiguous, aligned: as the kernel is compiled
+        and a.numel() < 2**31
+    ):
+        d_a = triton_lora.product_grad(gb, a, b)
+        return d_a if d_a.dtype == dtype else d_a.to(dtype)
+    return _matmul_as(gb.t(), a * b, dtype)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., n) as (T, n); also for n = 0, where ``reshape(-1, 0)`` is ambiguous."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
@@ -379,6 +435,8 @@ class _LoraLinearFunction(torch.autograd.Function):
             bias = bias.to(dtype)
         x2 = _rows(x)
         mask2 = None if mask is None else _rows(mask)
+        # dA reads x again in backward; where x = a * b, the a and b that autograd keeps anyway do
+        factors = _product_factors(x) if train_a and mask is None else None
         u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
         kept = (None, None)  # the merged weight and s·B, when saved for backward
         if strategy == "merged":
@@ -401,15 +459,23 @@ class _LoraLinearFunction(torch.autograd.Function):
                 y = _base(x2, weight, bias, transposed)
                 y.addmm_(u, lora_B.to(dtype).t())
         ctx.save_for_backward(
-            x2 if train_a else None, u if train_b else None, mask2, weight, lora_A, lora_B, *kept
+            x2 if train_a and factors is None else None,
+            u if train_b else None,
+            mask2,
+            weight,
+            lora_A,
+            lora_B,
+            *kept,
+            *(factors or (None, None)),
         )
         ctx.flags = flags
         return _as_output(y, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        # merged_weight and b_s (s·B in the activation dtype) are None unless forward kept them
-        x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s = ctx.saved_tensors
+        # merged_weight and b_s (s·B in the activation dtype) are None unless forward kept them, and x2 is
+        # None where x = a * b came with its factors
+        x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s, a, b = ctx.saved_tensors
         scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _ = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
@@ -438,7 +504,9 @@ class _LoraLinearFunction(torch.autograd.Function):
                 dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
         if dx is not None:
             dx = dx.view(*grad_out.shape[:-1], dx.shape[-1])
-        if train_a:
+        if train_a and a is not None:
+            d_a = _product_grad(gb, _rows(a), _rows(b), lora_A.dtype)
+        elif train_a:
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
             d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
         return dx, None, None, d_a, d_b, None, None

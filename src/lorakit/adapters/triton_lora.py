@@ -38,12 +38,16 @@ AVAILABLE = False
 #: Triton: ``kernel[grid](...)`` on every call. A Triton whose launcher refuses the arguments turns it off,
 #: with a warning.
 DIRECT_LAUNCH = True
+#: (BLOCK_M, BLOCK_N, warps, stages, ROWS) of :func:`product_grad`: each program sums ROWS rows of a column
+#: block of BLOCK_N.
+PRODUCT_GRAD_CONFIG = (64, 128, 4, 3, 1024)
 #: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
 GROUP_GRAD_MAX_MEMBERS = 4
 merge_lora_weight = None
 merge_lora_weights = None
 lora_grad_pass = None
 lora_grad_pass_group = None
+product_grad = None
 
 if triton is not None:
 
@@ -285,6 +289,36 @@ if triton is not None:
                 if arrived == chunks - 1:
                     total = tl.load(g_sum_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
                     tl.store(g_out_ptr + at, total.to(g_out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _product_grad_kernel(
+        a_ptr, b_ptr, g_ptr, out_ptr, T, N, R, ROWS,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        """out (R×N, float32, zeroed) += gᵀ (a ⊙ b) over rows pid_t·ROWS … (pid_t + 1)·ROWS of a, b (T×N) and
+        g (T×R), all contiguous. The product is rounded to a's dtype, as torch's multiplication rounds it,
+        so it equals the tensor that multiplication returned; one atomic add per program."""
+        pid_n = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_R)
+        n_ok = rn < N
+        k_ok = rk < R
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        row0 = pid_t * ROWS
+        for m0 in range(row0, tl.minimum(row0 + ROWS, T), BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < T
+            tile = m_ok[:, None] & n_ok[None, :]
+            a = tl.load(a_ptr + rm[:, None] * N + rn[None, :], mask=tile, other=0.0)
+            b = tl.load(b_ptr + rm[:, None] * N + rn[None, :], mask=tile, other=0.0)
+            product = (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
+            g_t = tl.load(
+                g_ptr + rm[None, :] * R + rk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0
+            )
+            acc += tl.dot(g_t, product)
+        at = out_ptr + rk[:, None] * N + rn[None, :]
+        tl.atomic_add(at, acc, mask=k_ok[:, None] & n_ok[None, :], sem="relaxed")
 
     def _launch(
         kernel,
@@ -654,6 +688,47 @@ if triton is not None:
         parts = zeroed[:db_part].split_with_sizes(db_sizes)
         return g_out, [p.view(out, r) for p, out, r in zip(parts, widths, ranks, strict=True)]
 
+    def _product_grad(
+        g: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        config: tuple[int, int, int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """``gᵀ (a ⊙ b)`` (R×N, float32) without writing the product: g (T×R), a and b (T×N) contiguous, of
+        one dtype, at 16-byte aligned addresses, under 2³¹ elements (eager only).
+
+        The weight gradient dA = (G·sB)ᵀ x of a layer whose input x = a ⊙ b is a product that autograd saved
+        the operands of (``fused.RECOMPUTE_PRODUCT_INPUT``): it reads a and b in place of x, so x need not
+        be kept. Each program sums ROWS rows of one column block in registers. ``config`` = (BLOCK_M,
+        BLOCK_N, warps, stages, ROWS) overrides :data:`PRODUCT_GRAD_CONFIG`.
+        """
+        block_m, block_n, warps, stages, rows = config or PRODUCT_GRAD_CONFIG
+        tokens, n_cols = a.shape
+        rank = g.shape[1]
+        out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device)
+        constexprs = {
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "BLOCK_R": max(16, 1 << (rank - 1).bit_length()),
+        }
+        key = (
+            "product",
+            a.dtype,
+            tokens,
+            n_cols,
+            rank,
+            rows,
+            *constexprs.values(),
+            warps,
+            stages,
+            a.device.index,
+        )
+        _launch_kernel(
+            _product_grad_kernel, key, (-(-n_cols // block_n), -(-tokens // rows)),
+            (a, b, g, out, tokens, n_cols, rank, rows), constexprs, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return out
+
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
     def _grad_pass_op(
         g: torch.Tensor, b_s: torch.Tensor, u: torch.Tensor
@@ -675,4 +750,5 @@ if triton is not None:
     merge_lora_weights = _merge_lora_weights
     lora_grad_pass = _lora_grad_pass
     lora_grad_pass_group = _lora_grad_pass_group
+    product_grad = _product_grad
     AVAILABLE = True

@@ -1,0 +1,168 @@
+"""A LoRA layer whose input is a product ``a * b`` keeps a and b for dA, not the product (CPU).
+
+``fused.RECOMPUTE_PRODUCT_INPUT``: in a gated MLP, ``down_proj(act(gate) * up)``, autograd already keeps
+``act(gate)`` and ``up`` for the multiplication's backward, so the down projection's input need not be kept
+as well. The gradients must not change, and the path must be taken only where ``a * b`` is exactly x.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.adapters import fused
+from lorakit.adapters.fused import lora_linear, reference_lora_linear
+
+T, HIDDEN, INNER, R = 48, 12, 20, 4
+
+
+@pytest.fixture
+def product_grads(monkeypatch):
+    """Counts the backward passes that took dA from the product's factors."""
+    calls = []
+    original = fused._product_grad
+
+    def counting(*args):
+        calls.append(args[1].shape)
+        return original(*args)
+
+    monkeypatch.setattr(fused, "_product_grad", counting)
+    return calls
+
+
+def gated_inputs(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, T // 2, HIDDEN, generator=g, dtype=dtype)
+    w_gate, w_up = (torch.randn(INNER, HIDDEN, generator=g, dtype=dtype) / HIDDEN**0.5 for _ in range(2))
+    w_down = torch.randn(HIDDEN, INNER, generator=g, dtype=dtype) / INNER**0.5
+    factor = torch.float64 if dtype == torch.float64 else torch.float32
+    lora_a = torch.randn(R, INNER, generator=g, dtype=factor) / INNER**0.5
+    lora_b = torch.randn(HIDDEN, R, generator=g, dtype=factor)
+    return x, w_gate, w_up, w_down, lora_a, lora_b
+
+
+def gated_step(fn, inputs, train_a: bool = True, keep: list | None = None, **kwargs):
+    """One forward and backward of ``down(silu(gate x) * up x)`` with ``fn`` as the down projection."""
+    x, w_gate, w_up, w_down, lora_a, lora_b = inputs
+    x, lora_a, lora_b = (t.clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+    lora_a.requires_grad_(train_a)
+    h = F.silu(x @ w_gate.t()) * (x @ w_up.t())
+    if keep is not None:
+        keep.append(weakref.ref(h))
+    y = fn(h, w_down, None, lora_a, lora_b, 2.0, **kwargs)
+    del h
+    gc.collect()
+    alive = keep is not None and keep[-1]() is not None
+    y.square().sum().backward()
+    return [y.detach(), x.grad, lora_a.grad, lora_b.grad], alive
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("strategy", ["merged", "addmm"])
+def test_product_input_is_not_kept_and_gradients_do_not_change(dtype, strategy, product_grads, monkeypatch):
+    inputs = gated_inputs(dtype)
+    want, _ = gated_step(reference_lora_linear, inputs)
+    monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", False)
+    kept = []
+    before, alive_before = gated_step(lora_linear, inputs, keep=kept, strategy=strategy)
+    assert alive_before and not product_grads  # the layer kept its input x = a * b
+    monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", True)
+    got, alive = gated_step(lora_linear, inputs, keep=kept, strategy=strategy)
+    assert not alive, "the product was kept after forward"
+    assert product_grads == [torch.Size([T, INNER])]
+    for name, g, b, w in zip(("y", "dx", "dA", "dB"), got, before, want, strict=True):
+        assert torch.equal(g, b), name  # the same product, formed again: bit for bit
+        assert (g - w).norm() / w.norm() <= {torch.float64: 1e-10, torch.float32: 1e-5}[dtype], name
+
+
+def _product_layer_ran(h: torch.Tensor, product_grads: list, **kwargs) -> bool:
+    *_, w_down, lora_a, lora_b = gated_inputs(torch.float64)
+    lora_a.requires_grad_(kwargs.pop("train_a", True))
+    lora_b.requires_grad_(True)
+    lora_linear(h, w_down, None, lora_a, lora_b, 2.0, **kwargs).sum().backward()
+    return bool(product_grads)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["broadcast", "promoted", "constant-operand", "dropout", "frozen-A", "saved-tensor-hooks", "sum"],
+)
+def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, product_grads):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True)
+    kwargs = {}
+    if case == "broadcast":
+        h = a * b[:1]
+    elif case == "promoted":
+        h = a * b.float()
+    elif case == "constant-operand":  # autograd keeps only the operand that the other's gradient needs
+        h = a * b.detach()
+    elif case == "sum":
+        h = a + b
+    else:
+        h = a * b
+    if case == "dropout":
+        kwargs = {"dropout_p": 0.5, "training": True}
+    if case == "frozen-A":
+        kwargs = {"train_a": False}
+    if case == "saved-tensor-hooks":  # e.g. activation offloading: reading an operand would unpack it
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            assert not _product_layer_ran(h, product_grads)
+        return
+    assert not _product_layer_ran(h.to(torch.float64), product_grads, **kwargs)
+
+
+def test_the_plain_product_takes_the_path(product_grads):
+    """The positive control of the test above: the same setup with a plain product does take it."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert _product_layer_ran(a * b, product_grads)
+
+
+def test_llama_down_projection_keeps_no_input(product_grads, monkeypatch):
+    """Through ``lorakit.inject`` on a transformers Llama: each decoder layer's down_proj takes the path,
+    and every gradient equals the run that keeps the input."""
+    transformers = pytest.importorskip("transformers")
+    import lorakit
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", recompute)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets, init="gaussian-b"))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(product_grads) == config.num_hidden_layers
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 2 * 7 * 2
+    for name, g in grads[True].items():
+        assert torch.equal(g, grads[False][name]), name
+
+
+def test_gated_block_compiles_fullgraph_and_matches_eager(product_grads):
+    """Under ``torch.compile(fullgraph=True)`` the layer does not read the autograd graph (that would break
+    the graph): the product is saved as before, and the compiled block matches eager."""
+    inputs = gated_inputs(torch.float32)
+    eager, _ = gated_step(lora_linear, inputs, strategy="merged")
+    assert len(product_grads) == 1
+    compiled = torch.compile(lora_linear, fullgraph=True, backend="aot_eager")
+    got, _ = gated_step(compiled, inputs, strategy="merged")
+    assert len(product_grads) == 1
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, eager, strict=True):
+        assert (g - w).norm() / w.norm() <= 1e-5, name
