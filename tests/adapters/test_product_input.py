@@ -166,3 +166,28 @@ def test_gated_block_compiles_fullgraph_and_matches_eager(product_grads):
     assert len(product_grads) == 1
     for name, g, w in zip(("y", "dx", "dA", "dB"), got, eager, strict=True):
         assert (g - w).norm() / w.norm() <= 1e-5, name
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_under_activation_checkpointing(reentrant, product_grads):
+    """A gated block under ``torch.utils.checkpoint``, as transformers' gradient checkpointing wraps a
+    decoder layer. The reentrant kind runs the block again in backward with grad on, building a fresh
+    multiplication node, so the path runs there; the non-reentrant kind packs saved tensors through hooks,
+    so it stays off. Either way the gradients equal the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, w_gate, w_up, w_down, lora_a, lora_b = gated_inputs(torch.float64)
+
+    def block(x, lora_a, lora_b):
+        h = F.silu(x @ w_gate.t()) * (x @ w_up.t())
+        return lora_linear(h, w_down, None, lora_a, lora_b, 2.0)
+
+    grads = []
+    for wrap in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+        out = checkpoint(block, *leaves, use_reentrant=reentrant) if wrap else block(*leaves)
+        out.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert len(product_grads) == (2 if reentrant else 1)  # the plain run, then the checkpointed one's
+    for name, g, w in zip(("dx", "dA", "dB"), grads[1], grads[0], strict=True):
+        assert torch.equal(g, w), name
