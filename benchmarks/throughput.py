@@ -312,14 +312,14 @@ def check_product(device: str, tokens: int = 4096) -> dict:
     """A layer whose input is the product of two tensors that require grad (``down_proj(act(gate) * up)``,
     ``fused.RECOMPUTE_PRODUCT_INPUT``): outputs and the gradients of both factors, A and B against float64,
     bf16 and fp32, merged and addmm. Each case runs twice (:func:`_both_launches`); the worse run counts. A
-    bf16 case that did not take dA from the factors through ``triton_lora.product_grad`` fails."""
+    bf16 case whose backward did not go through ``triton_lora.product_backward`` fails."""
     results, ok = [], True
     gen = torch.Generator(device=device).manual_seed(2468)
     in_f, out_f, r = 4096, 1024, 16
     launches = []
     if triton_lora.AVAILABLE:
-        real = triton_lora.product_grad
-        triton_lora.product_grad = lambda *args: launches.append(1) or real(*args)
+        real = triton_lora.product_backward
+        triton_lora.product_backward = lambda *args: launches.append(1) or real(*args)
     try:
         for dtype, train, strategy in itertools.product(
             (torch.bfloat16, torch.float32), ("AB", "A"), ("merged", "addmm")
@@ -357,7 +357,7 @@ def check_product(device: str, tokens: int = 4096) -> dict:
             )
     finally:
         if triton_lora.AVAILABLE:
-            triton_lora.product_grad = real
+            triton_lora.product_backward = real
     return {"ok": ok, "cases": results}
 
 

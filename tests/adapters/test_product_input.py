@@ -24,13 +24,13 @@ T, HIDDEN, INNER, R = 48, 12, 20, 4
 def product_grads(monkeypatch):
     """Counts the backward passes that took dA from the product's factors."""
     calls = []
-    original = fused._product_grad
+    original = fused._product_backward
 
     def counting(*args):
         calls.append(args[1].shape)
         return original(*args)
 
-    monkeypatch.setattr(fused, "_product_grad", counting)
+    monkeypatch.setattr(fused, "_product_backward", counting)
     return calls
 
 
@@ -89,7 +89,17 @@ def _product_layer_ran(h: torch.Tensor, product_grads: list, **kwargs) -> bool:
 
 @pytest.mark.parametrize(
     "case",
-    ["broadcast", "promoted", "constant-operand", "dropout", "frozen-A", "saved-tensor-hooks", "sum"],
+    [
+        "broadcast",
+        "promoted",
+        "constant-operand",
+        "dropout",
+        "frozen-A",
+        "saved-tensor-hooks",
+        "sum",
+        "hook-on-input",
+        "retain-grad",
+    ],
 )
 def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, product_grads):
     g = torch.Generator().manual_seed(3)
@@ -106,6 +116,15 @@ def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, pr
         h = a + b
     else:
         h = a * b
+    if case == "hook-on-input":  # someone wants x's own gradient: the layer must give it one
+        seen = []
+        h.register_hook(seen.append)
+        assert not _product_layer_ran(h, product_grads) and len(seen) == 1
+        return
+    if case == "retain-grad":
+        h.retain_grad()
+        assert not _product_layer_ran(h, product_grads) and h.grad is not None
+        return
     if case == "dropout":
         kwargs = {"dropout_p": 0.5, "training": True}
     if case == "frozen-A":

@@ -463,7 +463,7 @@ def test_group_grad_kernel_and_grouped_function_under_the_interpreter() -> None:
     _interpret(GROUP_GRAD_CHECK)
 
 
-PRODUCT_GRAD_CHECK = textwrap.dedent(
+PRODUCT_BACKWARD_CHECK = textwrap.dedent(
     """
     import torch
     from lorakit.adapters import fused
@@ -471,46 +471,55 @@ PRODUCT_GRAD_CHECK = textwrap.dedent(
 
     assert tk.AVAILABLE
     torch.manual_seed(0)
-    # ragged rows and columns; row chunks of one block and of several; one chunk for every row
-    for tokens, n_cols, rank, config in [
-        (70, 100, 8, (16, 32, 4, 1, 32)),
-        (64, 48, 16, (16, 16, 4, 1, 16)),
-        (33, 40, 4, None),
+    # ragged rows and columns; row chunks of one block and of several; one chunk for every row; no dA
+    for tokens, n_cols, rank, config, with_g in [
+        (70, 100, 8, (16, 32, 4, 1, 32), True),
+        (64, 48, 16, (16, 16, 4, 1, 16), True),
+        (33, 40, 4, None, True),
+        (33, 40, 4, None, False),
     ]:
-        a, b = torch.randn(tokens, n_cols).half(), torch.randn(tokens, n_cols).half()
-        g = torch.randn(tokens, rank).half()
-        got = tk.product_grad(g, a, b, config)
-        # the kernel rounds the product as torch's half multiplication does
-        want = g.double().t() @ (a * b).double()
-        assert got.dtype == torch.float32 and got.shape == (rank, n_cols)
-        error = float((got.double() - want).abs().max() / want.abs().max())
+        a, b, dx = (torch.randn(tokens, n_cols).half() for _ in range(3))
+        g = torch.randn(tokens, rank).half() if with_g else None
+        d_a, d_b, d_lora = tk.product_backward(dx, a, b, g, config)
+        # the input gradients round as torch's half multiplication does
+        assert torch.equal(d_a, dx * b) and torch.equal(d_b, dx * a), (tokens, n_cols, config)
+        if not with_g:
+            assert d_lora is None
+            continue
+        want = g.double().t() @ (a * b).double()  # the product rounded as the forward rounded it
+        assert d_lora.dtype == torch.float32 and d_lora.shape == (rank, n_cols)
+        error = float((d_lora.double() - want).abs().max() / want.abs().max())
         assert error < 1e-5, (tokens, n_cols, rank, config, error)
 
-    # the layer's backward goes through the kernel for a half-precision product input
+    # a gated block's backward goes through the kernel, with the same gradients as with x kept
     fused._use_triton = lambda kernel, t: kernel in fused.TRITON_KERNELS
     launches = []
-    real = tk.product_grad
-    tk.product_grad = lambda *args: launches.append(1) or real(*args)
-    x = torch.randn(40, 24).half().requires_grad_(True)
+    real = tk.product_backward
+    tk.product_backward = lambda *args: launches.append(1) or real(*args)
     w_gate, w_up = torch.randn(32, 24).half() / 5, torch.randn(32, 24).half() / 5
-    h = torch.nn.functional.silu(x @ w_gate.t()) * (x @ w_up.t())
-    lora_a = (torch.randn(4, 32) / 6).requires_grad_(True)
-    lora_b = torch.randn(24, 4).requires_grad_(True)
     w_down = torch.randn(24, 32).half() / 6
-    y_half = fused.lora_linear(h, w_down, None, lora_a, lora_b, 2.0, strategy="addmm")
-    y_half.float().square().sum().backward()
+    a0, b0 = torch.randn(4, 32) / 6, torch.randn(24, 4)
+    x0 = torch.randn(40, 24).half()
+    grads = {}
+    for recompute in (False, True):
+        fused.RECOMPUTE_PRODUCT_INPUT = recompute
+        x = x0.clone().requires_grad_(True)
+        lora_a, lora_b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        h = torch.nn.functional.silu(x @ w_gate.t()) * (x @ w_up.t())
+        y = fused.lora_linear(h, w_down, None, lora_a, lora_b, 2.0, strategy="addmm")
+        y.float().square().sum().backward()
+        grads[recompute] = (x.grad, lora_a.grad, lora_b.grad)
     assert launches == [1]
-    # y = h W_downᵀ + s (h Aᵀ) Bᵀ and the loss Σ y²: dA = s (2y B)ᵀ h, in float64
-    h64, a64, b64 = h.detach().double(), lora_a.detach().double(), lora_b.detach().double()
-    y = h64 @ w_down.double().t() + 2.0 * (h64 @ a64.t()) @ b64.t()
-    want = 2.0 * (2 * y @ b64).t() @ h64
-    error = float((lora_a.grad.double() - want).norm() / want.norm())
-    assert error < 2e-2, error
+    (dx, d_lora_a, d_lora_b), (dx_kept, d_lora_a_kept, d_lora_b_kept) = grads[True], grads[False]
+    assert torch.equal(dx, dx_kept) and torch.equal(d_lora_b, d_lora_b_kept)
+    # dA: float32 sums over the kernel's tiles against the half GEMM of the kept x
+    assert float((d_lora_a - d_lora_a_kept).norm() / d_lora_a_kept.norm()) < 2e-3
     """
 )
 
 
-def test_product_grad_kernel_under_the_interpreter() -> None:
-    """dA = Gᵀ (a ⊙ b) without writing the product (``fused.RECOMPUTE_PRODUCT_INPUT``): against float64, and
-    in the layer's backward."""
-    _interpret(PRODUCT_GRAD_CHECK)
+def test_product_backward_kernel_under_the_interpreter() -> None:
+    """The backward of x = a * b and a LoRA layer's dA in one pass (``fused.RECOMPUTE_PRODUCT_INPUT``): the
+    input gradients bit for bit against torch, dA against float64, and a gated block's gradients equal to
+    those with x kept."""
+    _interpret(PRODUCT_BACKWARD_CHECK)

@@ -98,9 +98,11 @@ ONE_LAUNCH_MERGE = True
 UNMERGED_INPUT_GRAD = True
 #: With A trained and no dropout, where a layer's input x is the product ``a * b`` of two tensors that
 #: autograd keeps for that multiplication's own backward (``down_proj(act(gate_proj(h)) * up_proj(h))`` in
-#: Llama-style gated MLPs), save a and b for dA = (G·sB)ᵀ x instead of x (:func:`_product_factors`): x, the
-#: widest activation of such a block, is then kept by nothing and freed after forward. Eager only; False:
-#: save x.
+#: Llama-style gated MLPs), take a and b as inputs of the layer's Function and keep them instead of x
+#: (:func:`_product_factors`): x, the widest activation of such a block, is then kept by nothing and freed
+#: after forward. The layer's backward then gives a and b their gradients itself, in one pass with dA
+#: (:func:`_product_backward`), and x none: the multiplication's own backward has nothing left to do.
+#: Eager only; False: save x.
 RECOMPUTE_PRODUCT_INPUT = True
 STRATEGIES = ("auto", "merged", "addmm", "folded")
 _MM_TO_FLOAT32 = hasattr(torch.ops.aten.mm, "dtype")  # mm with a float32 output (CUDA, torch >= 2.8)
@@ -280,14 +282,24 @@ def _product_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     multiplication's backward (both require grad), with x's shape, dtype and device (no broadcast, no
     promotion, so ``a * b`` gives x again bit for bit); else None.
 
-    Not under ``torch.compile`` (no autograd graph to read while tracing; the partitioner decides what
-    to keep there) or saved-tensor hooks (offloading, checkpointing: reading a saved operand in forward
-    would run their unpack hook), and only with :data:`RECOMPUTE_PRODUCT_INPUT`.
+    The layer then gives a and b their gradients itself and x none (:data:`RECOMPUTE_PRODUCT_INPUT`);
+    gradients that reach x from elsewhere still go through the multiplication's backward, and autograd
+    adds both. Not where someone asked for x's own gradient (a hook on x, ``retain_grad``), under
+    ``torch.compile`` (no autograd graph to read while tracing; the partitioner decides what to keep
+    there) or saved-tensor hooks (offloading, checkpointing: reading a saved operand in forward would run
+    their unpack hook), and only with :data:`RECOMPUTE_PRODUCT_INPUT`. ``torch.autograd.grad`` asked for x
+    itself gets no gradient from the layer: set :data:`RECOMPUTE_PRODUCT_INPUT` to False for that.
     """
     if not RECOMPUTE_PRODUCT_INPUT or torch.compiler.is_compiling():  # first: grad_fn breaks a traced graph
         return None
     node = x.grad_fn
-    if node is None or node.name() != "MulBackward0" or _saved_tensor_hooks_active():
+    if (
+        node is None
+        or node.name() != "MulBackward0"
+        or x._backward_hooks
+        or x.retains_grad
+        or _saved_tensor_hooks_active()
+    ):
         return None
     try:
         factors = (node._saved_self, node._saved_other)
@@ -308,19 +320,25 @@ def _saved_tensor_hooks_active() -> bool:
     return top is None or top(True) is not None
 
 
-def _product_grad(gb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dA = gbᵀ (a ⊙ b)`` in ``dtype`` for a layer whose input was ``a * b`` (:func:`_product_factors`); a
-    and b are (T × in) rows. On CUDA with Triton one kernel reads a and b without writing the product
-    (:func:`triton_lora.product_grad`); otherwise the product is formed again by torch, as in forward."""
+def _product_backward(
+    dx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gb: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dx ⊙ b, dx ⊙ a, dA)`` for a layer that took ``x = a * b`` (:func:`_product_factors`): the
+    multiplication's input gradients for the layer's input gradient dx, and ``dA = gbᵀ (a ⊙ b)`` in
+    ``dtype`` where gb is given (else None); all (T × in) rows. On CUDA with Triton one kernel reads dx, a
+    and b once for all three (:func:`triton_lora.product_backward`; torch's multiplication backward alone
+    takes two passes); otherwise torch ops, the product formed again as in forward."""
     if (
         _use_triton("grad", a)
         and a.dtype in (torch.bfloat16, torch.float16)
-        and _table_launch_allowed((a, b, gb))  # eager, contiguous, aligned: as the kernel is compiled
+        and dx.dtype == a.dtype
+        and _table_launch_allowed((dx, a, b) if gb is None else (dx, a, b, gb))  # as the kernel is compiled
         and a.numel() < 2**31
     ):
-        d_a = triton_lora.product_grad(gb, a, b)
-        return d_a if d_a.dtype == dtype else d_a.to(dtype)
-    return _matmul_as(gb.t(), a * b, dtype)
+        d_left, d_right, d_a = triton_lora.product_backward(dx, a, b, gb)
+        return d_left, d_right, d_a if d_a is None or d_a.dtype == dtype else d_a.to(dtype)
+    d_a = None if gb is None else _matmul_as(gb.t(), a * b, dtype)
+    return dx * b, dx * a, d_a
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -426,7 +444,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         lora_B: torch.Tensor,
         mask: torch.Tensor | None,
         flags: tuple,
+        left: torch.Tensor | None,
+        right: torch.Tensor | None,
     ) -> torch.Tensor:
+        # left, right: the factors of x = left * right (_product_factors), kept instead of x, or None
         scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, save_merged_weight = flags
         dtype = x.dtype
         if weight.dtype != dtype:  # checked here: a no-op .to() still costs a dispatch per call in eager
@@ -435,8 +456,6 @@ class _LoraLinearFunction(torch.autograd.Function):
             bias = bias.to(dtype)
         x2 = _rows(x)
         mask2 = None if mask is None else _rows(mask)
-        # dA reads x again in backward; where x = a * b, the a and b that autograd keeps anyway do
-        factors = _product_factors(x) if train_a and mask is None else None
         u = None  # s · dropout(x) Aᵀ, T×r, kept for dB
         kept = (None, None)  # the merged weight and s·B, when saved for backward
         if strategy == "merged":
@@ -459,23 +478,24 @@ class _LoraLinearFunction(torch.autograd.Function):
                 y = _base(x2, weight, bias, transposed)
                 y.addmm_(u, lora_B.to(dtype).t())
         ctx.save_for_backward(
-            x2 if train_a and factors is None else None,
+            x2 if train_a and left is None else None,
             u if train_b else None,
             mask2,
             weight,
             lora_A,
             lora_B,
             *kept,
-            *(factors or (None, None)),
+            left,
+            right,
         )
         ctx.flags = flags
         return _as_output(y, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        # merged_weight and b_s (s·B in the activation dtype) are None unless forward kept them, and x2 is
-        # None where x = a * b came with its factors
-        x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s, a, b = ctx.saved_tensors
+        # merged_weight and b_s (s·B in the activation dtype) are None unless forward kept them; left and
+        # right are x's factors where forward took them, and x2 is then None
+        x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s, left, right = ctx.saved_tensors
         scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _ = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
@@ -502,14 +522,17 @@ class _LoraLinearFunction(torch.autograd.Function):
                 dx.addmm_(gb, lora_A.to(dtype))
             else:
                 dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
+        if left is not None:  # x's factors get their gradients here, x none (_product_factors)
+            d_left, d_right, d_a = _product_backward(
+                dx, _rows(left), _rows(right), gb if train_a else None, lora_A.dtype
+            )
+            return None, None, None, d_a, d_b, None, None, d_left.view(left.shape), d_right.view(right.shape)
         if dx is not None:
             dx = dx.view(*grad_out.shape[:-1], dx.shape[-1])
-        if train_a and a is not None:
-            d_a = _product_grad(gb, _rows(a), _rows(b), lora_A.dtype)
-        elif train_a:
+        if train_a:
             xd = x2 if mask2 is None else _apply_mask(x2, mask2, dropout_p)
             d_a = _matmul_as(gb.t(), xd, lora_A.dtype)
-        return dx, None, None, d_a, d_b, None, None
+        return dx, None, None, d_a, d_b, None, None, None, None
 
 
 def _gb_and_db(
@@ -613,6 +636,8 @@ def lora_linear(
     train_b = grad_on and lora_B.requires_grad
     x, autocast = _autocast_input(x)
     picked = _pick_strategy(strategy, x, x.numel() // in_f, in_f, out_f, lora_A.shape[0], mask is not None)
+    # where x = a * b, the layer keeps a and b (which autograd keeps anyway) instead of x
+    factors = _product_factors(x) if train_a and need_dx and mask is None else None
     flags = (
         float(scaling),
         float(dropout_p),
@@ -623,7 +648,18 @@ def lora_linear(
         train_b,
         bool(save_merged_weight),
     )
-    return _apply(_LoraLinearFunction, autocast, x, weight, bias, lora_A, lora_B, mask, flags)
+    return _apply(
+        _LoraLinearFunction,
+        autocast,
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        mask,
+        flags,
+        *(factors or (None, None)),
+    )
 
 
 def _autocast_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

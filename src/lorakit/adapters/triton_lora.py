@@ -38,16 +38,16 @@ AVAILABLE = False
 #: Triton: ``kernel[grid](...)`` on every call. A Triton whose launcher refuses the arguments turns it off,
 #: with a warning.
 DIRECT_LAUNCH = True
-#: (BLOCK_M, BLOCK_N, warps, stages, ROWS) of :func:`product_grad`: each program sums ROWS rows of a column
-#: block of BLOCK_N.
-PRODUCT_GRAD_CONFIG = (64, 128, 4, 3, 1024)
+#: (BLOCK_M, BLOCK_N, warps, stages, ROWS) of :func:`product_backward`: each program takes ROWS rows of a
+#: column block of BLOCK_N.
+PRODUCT_BACKWARD_CONFIG = (64, 128, 4, 3, 1024)
 #: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
 GROUP_GRAD_MAX_MEMBERS = 4
 merge_lora_weight = None
 merge_lora_weights = None
 lora_grad_pass = None
 lora_grad_pass_group = None
-product_grad = None
+product_backward = None
 
 if triton is not None:
 
@@ -291,13 +291,15 @@ if triton is not None:
                     tl.store(g_out_ptr + at, total.to(g_out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _product_grad_kernel(
-        a_ptr, b_ptr, g_ptr, out_ptr, T, N, R, ROWS,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _product_backward_kernel(
+        dx_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, out_ptr, T, N, R, ROWS,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_G: tl.constexpr,
     ):  # fmt: skip
-        """out (R×N, float32, zeroed) += gᵀ (a ⊙ b) over rows pid_t·ROWS … (pid_t + 1)·ROWS of a, b (T×N) and
-        g (T×R), all contiguous. The product is rounded to a's dtype, as torch's multiplication rounds it,
-        so it equals the tensor that multiplication returned; one atomic add per program."""
+        """The backward of ``x = a * b`` followed by a LoRA layer, in one pass over rows pid_t·ROWS …
+        (pid_t + 1)·ROWS of one column block: ``da = dx ⊙ b`` and ``db = dx ⊙ a`` (T×N, as torch's
+        multiplication backward rounds them) and, with ``HAS_G``, ``out += gᵀ (a ⊙ b)`` (R×N, float32,
+        zeroed), the product rounded as the forward's multiplication rounded it; one atomic add per program.
+        dx, a, b, g (T×R) contiguous."""
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -310,15 +312,23 @@ if triton is not None:
             rm = m0 + tl.arange(0, BLOCK_M)
             m_ok = rm < T
             tile = m_ok[:, None] & n_ok[None, :]
-            a = tl.load(a_ptr + rm[:, None] * N + rn[None, :], mask=tile, other=0.0)
-            b = tl.load(b_ptr + rm[:, None] * N + rn[None, :], mask=tile, other=0.0)
-            product = (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
-            g_t = tl.load(
-                g_ptr + rm[None, :] * R + rk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0
-            )
-            acc += tl.dot(g_t, product)
-        at = out_ptr + rk[:, None] * N + rn[None, :]
-        tl.atomic_add(at, acc, mask=k_ok[:, None] & n_ok[None, :], sem="relaxed")
+            at = rm[:, None] * N + rn[None, :]
+            dx = tl.load(dx_ptr + at, mask=tile, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + at, mask=tile, other=0.0)
+            b = tl.load(b_ptr + at, mask=tile, other=0.0)
+            dtype = a.dtype
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            tl.store(da_ptr + at, (dx * b).to(dtype), mask=tile)
+            tl.store(db_ptr + at, (dx * a).to(dtype), mask=tile)
+            if HAS_G:
+                g_t = tl.load(
+                    g_ptr + rm[None, :] * R + rk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0
+                )
+                acc += tl.dot(g_t, (a * b).to(dtype))
+        if HAS_G:
+            at = out_ptr + rk[:, None] * N + rn[None, :]
+            tl.atomic_add(at, acc, mask=k_ok[:, None] & n_ok[None, :], sem="relaxed")
 
     def _launch(
         kernel,
@@ -688,29 +698,32 @@ if triton is not None:
         parts = zeroed[:db_part].split_with_sizes(db_sizes)
         return g_out, [p.view(out, r) for p, out, r in zip(parts, widths, ranks, strict=True)]
 
-    def _product_grad(
-        g: torch.Tensor,
+    def _product_backward(
+        dx: torch.Tensor,
         a: torch.Tensor,
         b: torch.Tensor,
+        g: torch.Tensor | None,
         config: tuple[int, int, int, int, int] | None = None,
-    ) -> torch.Tensor:
-        """``gᵀ (a ⊙ b)`` (R×N, float32) without writing the product: g (T×R), a and b (T×N) contiguous, of
-        one dtype, at 16-byte aligned addresses, under 2³¹ elements (eager only).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(dx ⊙ b, dx ⊙ a, gᵀ (a ⊙ b))`` in one pass over dx, a and b (T×N, contiguous, one dtype, at
+        16-byte aligned addresses, under 2³¹ elements), eager only: the gradients of ``x = a * b`` for an
+        upstream gradient dx, and, where g (T×R) is given, dA = (G·sB)ᵀ x of a LoRA layer that took x
+        (float32, R×N; None without g), without writing x again.
 
-        The weight gradient dA = (G·sB)ᵀ x of a layer whose input x = a ⊙ b is a product that autograd saved
-        the operands of (``fused.RECOMPUTE_PRODUCT_INPUT``): it reads a and b in place of x, so x need not
-        be kept. Each program sums ROWS rows of one column block in registers. ``config`` = (BLOCK_M,
-        BLOCK_N, warps, stages, ROWS) overrides :data:`PRODUCT_GRAD_CONFIG`.
+        For ``fused.RECOMPUTE_PRODUCT_INPUT``: the layer keeps a and b, which the multiplication's backward
+        needs anyway, instead of x, and this pass replaces that backward (two passes in torch) and the dA
+        GEMM's read of x. ``config`` = (BLOCK_M, BLOCK_N, warps, stages, ROWS) overrides
+        :data:`PRODUCT_BACKWARD_CONFIG`.
         """
-        block_m, block_n, warps, stages, rows = config or PRODUCT_GRAD_CONFIG
+        block_m, block_n, warps, stages, rows = config or PRODUCT_BACKWARD_CONFIG
         tokens, n_cols = a.shape
-        rank = g.shape[1]
-        out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device)
+        rank = g.shape[1] if g is not None else 1
+        d_a, d_b = torch.empty_like(a), torch.empty_like(b)
+        out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device) if g is not None else None
         constexprs = {
-            "BLOCK_M": block_m,
-            "BLOCK_N": block_n,
-            "BLOCK_R": max(16, 1 << (rank - 1).bit_length()),
-        }
+            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": max(16, 1 << (rank - 1).bit_length()),
+            "HAS_G": g is not None,
+        }  # fmt: skip
         key = (
             "product",
             a.dtype,
@@ -723,11 +736,24 @@ if triton is not None:
             stages,
             a.device.index,
         )
+        args = (
+            dx,
+            a,
+            b,
+            g if g is not None else a,
+            d_a,
+            d_b,
+            out if out is not None else d_a,
+            tokens,
+            n_cols,
+            rank,
+            rows,
+        )
         _launch_kernel(
-            _product_grad_kernel, key, (-(-n_cols // block_n), -(-tokens // rows)),
-            (a, b, g, out, tokens, n_cols, rank, rows), constexprs, num_warps=warps, num_stages=stages,
+            _product_backward_kernel, key, (-(-n_cols // block_n), -(-tokens // rows)), args, constexprs,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
-        return out
+        return d_a, d_b, out
 
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
     def _grad_pass_op(
@@ -750,5 +776,5 @@ if triton is not None:
     merge_lora_weights = _merge_lora_weights
     lora_grad_pass = _lora_grad_pass
     lora_grad_pass_group = _lora_grad_pass_group
-    product_grad = _product_grad
+    product_backward = _product_backward
     AVAILABLE = True
