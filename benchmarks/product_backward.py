@@ -30,11 +30,11 @@ logger = logging.getLogger("product_backward")
 RANK, WIDTH = 16, 8192
 CONFIGS = [
     triton_lora.PRODUCT_BACKWARD_CONFIG,
+    (64, 128, 4, 3, 1024),
     (64, 128, 4, 3, 512),
     (64, 128, 4, 3, 2048),
     (32, 128, 4, 3, 1024),
     (64, 64, 4, 3, 1024),
-    (128, 128, 8, 3, 1024),
     (64, 256, 8, 3, 1024),
     (32, 256, 4, 3, 1024),
 ]
