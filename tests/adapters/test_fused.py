@@ -66,25 +66,32 @@ def test_fused_matches_reference(dtype, train, transposed, p, strategy):
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 def test_merged_strategy_input_grad_saved_rebuilt_or_unmerged(dtype, train, transposed, monkeypatch):
     """The merged strategy's backward: on the merged weight saved by forward, on one it rebuilds, or as
-    dX = (G·sB) A + G W0 without it (15 tokens < 2·out = 20, A trained); one function all three ways."""
+    dX = (G·sB) A + G W0 without it (15 tokens < 2·out = 20, A trained); one function all three ways.
+    ``save_merged_weight`` keeps the weight only where backward would rebuild it."""
     inputs = make_inputs(dtype, train, transposed, bias=True, seed=3 + len(train))
     merges = []
     real_merge = fused._merge
     monkeypatch.setattr(fused, "_merge", lambda *args: merges.append(1) or real_merge(*args))
+    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", False)  # every backward on the merged weight
     got = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged", save_merged_weight=True)
     assert len(merges) == 1, "backward rebuilt the merged weight although forward saved it"
-    monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", False)
     rebuilt = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged")
     assert len(merges) == 3, "without save_merged_weight, backward rebuilds the merged weight"
     monkeypatch.setattr(fused, "UNMERGED_INPUT_GRAD", True)
     unmerged = run(lora_linear, *inputs, 0.0, transposed, None, strategy="merged")
     # with A frozen no G = dY·sB is computed for dA, and backward rebuilds the merged weight after all
     assert len(merges) == (4 if "A" in train else 5), "with few tokens and A trained, dX needs no merge"
+    saved_where_rebuilt = run(
+        lora_linear, *inputs, 0.0, transposed, None, strategy="merged", save_merged_weight=True
+    )
+    assert len(merges) == (5 if "A" in train else 6), "backward rebuilt a merged weight that was saved"
     want = run(reference_lora_linear, *inputs, 0.0, transposed, None)
-    for name, g, r, m, w in zip(("y", "dx", "dA", "dB"), got, rebuilt, unmerged, want, strict=True):
+    outputs = zip(("y", "dx", "dA", "dB"), got, rebuilt, unmerged, saved_where_rebuilt, want, strict=True)
+    for name, g, r, m, s, w in outputs:
         if w is None:
-            assert g is None and m is None, f"{name}: frozen factor got a gradient"
+            assert g is None and m is None and s is None, f"{name}: frozen factor got a gradient"
             continue
+        assert torch.equal(s, m if "A" in train else g), f"{name}: save_merged_weight changed the backward"
         assert torch.equal(g, r), f"{name}: saved and rebuilt merged weight give different results"
         assert rel_err(g, w) <= TOL[dtype], f"{name}: rel err {rel_err(g, w):.3g}"
         assert rel_err(m, w) <= TOL[dtype], f"{name} without the merged weight: rel err {rel_err(m, w):.3g}"

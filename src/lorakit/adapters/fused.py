@@ -460,10 +460,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         kept = (None, None)  # the merged weight and s·B, when saved for backward
         if strategy == "merged":
             merged_weight, a_s, b_s = _merge(weight, lora_A, lora_B, scaling, transposed)
-            if save_merged_weight and need_dx:
-                kept = (merged_weight, b_s)
-            elif need_dx and train_a and not _merge_for_input_grad(x2.shape[0], lora_B.shape[0]):
+            if need_dx and train_a and not _merge_for_input_grad(x2.shape[0], lora_B.shape[0]):
                 kept = (None, b_s)  # backward's dX = (G·sB) A + G W0 needs s·B, not W
+            elif save_merged_weight and need_dx:  # kept only where backward would rebuild it
+                kept = (merged_weight, b_s)
             y = _base(x2, merged_weight, bias, transposed)
             if train_b:
                 u = x2 @ a_s.t()

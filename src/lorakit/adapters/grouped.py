@@ -55,17 +55,16 @@ class _LoraGroupFunction(torch.autograd.Function):
         weights, biases, factors_a, factors_b = (tensors[i * n : (i + 1) * n] for i in range(4))
         dtype = x.dtype
         x2 = fused._rows(x)
-        keep = save_merged_weight and need_dx
         # backward's dX = Σ_i G_i A_i + dY_i W0_i (G_i = dY_i s_iB_i), without the merged weights: only where
         # every G_i is computed for dA_i anyway (with A frozen, computing G cost what not merging saved on
         # an H100), and W0_i is in the activation dtype (casting it would cost the pass that is saved)
         unmerged_dx = (
             need_dx
-            and not keep
             and all(train_a)
             and all(w.dtype == dtype for w in weights)
             and not fused._merge_for_input_grad(x2.shape[0], sum(b.shape[0] for b in factors_b))
         )
+        keep = save_merged_weight and need_dx and not unmerged_dx  # only where backward would rebuild them
         merged, a_rows, b_scaled = _merge_siblings(
             weights,
             factors_a,
