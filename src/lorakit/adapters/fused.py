@@ -21,11 +21,11 @@ Three strategies compute exactly this function; ``lora_linear`` picks the one th
   over any T×out or T×in activation. By default ``W`` is rebuilt in backward instead of saved, since
   saving it costs a copy of every adapted weight in memory (in eager, with A trained and fewer tokens than
   2·out, backward skips it: ``dX = (G · sB) A + G W0``, see :func:`_merge_for_input_grad`);
-  ``save_merged_weight=True`` makes that trade for one pass fewer over every adapted weight per step and,
-  in eager, one kernel launch fewer (H100, 16-layer Llama at hidden 2048: +2.2% compiled, +1–10% eager,
-  +1.8 GiB peak; benchmarks/RESULTS.md). Rounding ``W0 + ΔW`` once to bf16 perturbs the output by about
-  one bf16 ulp of ``|y|``, the same order as rounding the base output and the LoRA term separately as the
-  unfused path does.
+  ``save_merged_weight=True`` makes that trade wherever backward would rebuild W, for one pass fewer over
+  those weights per step and, in eager, one kernel launch fewer (H100, 16-layer Llama at hidden 2048:
+  +0.8 GiB peak in eager; compiled, where every weight is kept, +2.2% for +1.8 GiB; benchmarks/RESULTS.md).
+  Rounding ``W0 + ΔW`` once to bf16 perturbs the output by about one bf16 ulp of ``|y|``, the same order as
+  rounding the base output and the LoRA term separately as the unfused path does.
 * ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, Bᵀ)``
   accumulated in place; in backward ``dX = G W0`` then ``dX.addmm_(G B, A)`` in place.
 * ``"folded"`` (opt-in, Hopper GPUs, half precision): one Triton GEMM with the LoRA slice in its reduction,
@@ -603,7 +603,9 @@ def lora_linear(
         strategy: ``"auto"`` (fewest bytes moved), ``"merged"``, ``"addmm"`` or ``"folded"`` (see module
             docstring).
         save_merged_weight: with the ``"merged"`` strategy, keep ``W0 + s·B A`` from forward for backward
-            instead of rebuilding it: faster, and one extra copy of the weight in memory until backward.
+            where backward would rebuild it (not where dX skips the merged weight, see
+            :func:`_merge_for_input_grad`): faster, and one extra copy of the weight in memory until
+            backward.
 
     Returns:
         (..., out) tensor in ``x.dtype``.
