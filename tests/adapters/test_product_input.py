@@ -1,8 +1,11 @@
-"""A LoRA layer whose input is a product ``a * b`` keeps a and b for dA, not the product (CPU).
+"""A LoRA layer whose input is a product ``a * b`` takes a and b, keeps them instead of the product, and
+gives them their gradients itself (CPU).
 
 ``fused.RECOMPUTE_PRODUCT_INPUT``: in a gated MLP, ``down_proj(act(gate) * up)``, autograd already keeps
 ``act(gate)`` and ``up`` for the multiplication's backward, so the down projection's input need not be kept
-as well. The gradients must not change, and the path must be taken only where ``a * b`` is exactly x.
+as well, and the layer's backward can do the multiplication's backward in the pass that forms its dA. The
+gradients must not change, and the path must be taken only where ``a * b`` is exactly x and nobody asked
+for x's own gradient.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ T, HIDDEN, INNER, R = 48, 12, 20, 4
 
 
 @pytest.fixture
-def product_grads(monkeypatch):
-    """Counts the backward passes that took dA from the product's factors."""
+def product_passes(monkeypatch):
+    """Counts the backward passes that went through the product's factors."""
     calls = []
     original = fused._product_backward
 
@@ -63,28 +66,28 @@ def gated_step(fn, inputs, train_a: bool = True, keep: list | None = None, **kwa
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("strategy", ["merged", "addmm"])
-def test_product_input_is_not_kept_and_gradients_do_not_change(dtype, strategy, product_grads, monkeypatch):
+def test_product_input_is_not_kept_and_gradients_do_not_change(dtype, strategy, product_passes, monkeypatch):
     inputs = gated_inputs(dtype)
     want, _ = gated_step(reference_lora_linear, inputs)
     monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", False)
     kept = []
     before, alive_before = gated_step(lora_linear, inputs, keep=kept, strategy=strategy)
-    assert alive_before and not product_grads  # the layer kept its input x = a * b
+    assert alive_before and not product_passes  # the layer kept its input x = a * b
     monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", True)
     got, alive = gated_step(lora_linear, inputs, keep=kept, strategy=strategy)
     assert not alive, "the product was kept after forward"
-    assert product_grads == [torch.Size([T, INNER])]
+    assert product_passes == [torch.Size([T, INNER])]
     for name, g, b, w in zip(("y", "dx", "dA", "dB"), got, before, want, strict=True):
         assert torch.equal(g, b), name  # the same product, formed again: bit for bit
         assert (g - w).norm() / w.norm() <= {torch.float64: 1e-10, torch.float32: 1e-5}[dtype], name
 
 
-def _product_layer_ran(h: torch.Tensor, product_grads: list, **kwargs) -> bool:
+def _product_layer_ran(h: torch.Tensor, product_passes: list, **kwargs) -> bool:
     *_, w_down, lora_a, lora_b = gated_inputs(torch.float64)
     lora_a.requires_grad_(kwargs.pop("train_a", True))
     lora_b.requires_grad_(True)
     lora_linear(h, w_down, None, lora_a, lora_b, 2.0, **kwargs).sum().backward()
-    return bool(product_grads)
+    return bool(product_passes)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +104,7 @@ def _product_layer_ran(h: torch.Tensor, product_grads: list, **kwargs) -> bool:
         "retain-grad",
     ],
 )
-def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, product_grads):
+def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, product_passes):
     g = torch.Generator().manual_seed(3)
     a = torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True)
@@ -119,11 +122,11 @@ def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, pr
     if case == "hook-on-input":  # someone wants x's own gradient: the layer must give it one
         seen = []
         h.register_hook(seen.append)
-        assert not _product_layer_ran(h, product_grads) and len(seen) == 1
+        assert not _product_layer_ran(h, product_passes) and len(seen) == 1
         return
     if case == "retain-grad":
         h.retain_grad()
-        assert not _product_layer_ran(h, product_grads) and h.grad is not None
+        assert not _product_layer_ran(h, product_passes) and h.grad is not None
         return
     if case == "dropout":
         kwargs = {"dropout_p": 0.5, "training": True}
@@ -131,19 +134,19 @@ def test_factors_are_used_only_where_their_product_is_exactly_the_input(case, pr
         kwargs = {"train_a": False}
     if case == "saved-tensor-hooks":  # e.g. activation offloading: reading an operand would unpack it
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            assert not _product_layer_ran(h, product_grads)
+            assert not _product_layer_ran(h, product_passes)
         return
-    assert not _product_layer_ran(h.to(torch.float64), product_grads, **kwargs)
+    assert not _product_layer_ran(h.to(torch.float64), product_passes, **kwargs)
 
 
-def test_the_plain_product_takes_the_path(product_grads):
+def test_the_plain_product_takes_the_path(product_passes):
     """The positive control of the test above: the same setup with a plain product does take it."""
     g = torch.Generator().manual_seed(3)
     a, b = (torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    assert _product_layer_ran(a * b, product_grads)
+    assert _product_layer_ran(a * b, product_passes)
 
 
-def test_llama_down_projection_keeps_no_input(product_grads, monkeypatch):
+def test_llama_down_projection_keeps_no_input(product_passes, monkeypatch):
     """Through ``lorakit.inject`` on a transformers Llama: each decoder layer's down_proj takes the path,
     and every gradient equals the run that keeps the input."""
     transformers = pytest.importorskip("transformers")
@@ -168,27 +171,27 @@ def test_llama_down_projection_keeps_no_input(product_grads, monkeypatch):
         lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets, init="gaussian-b"))
         model(input_ids=ids, labels=ids).loss.backward()
         grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert len(product_grads) == config.num_hidden_layers
+    assert len(product_passes) == config.num_hidden_layers
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 2 * 7 * 2
     for name, g in grads[True].items():
         assert torch.equal(g, grads[False][name]), name
 
 
-def test_gated_block_compiles_fullgraph_and_matches_eager(product_grads):
+def test_gated_block_compiles_fullgraph_and_matches_eager(product_passes):
     """Under ``torch.compile(fullgraph=True)`` the layer does not read the autograd graph (that would break
     the graph): the product is saved as before, and the compiled block matches eager."""
     inputs = gated_inputs(torch.float32)
     eager, _ = gated_step(lora_linear, inputs, strategy="merged")
-    assert len(product_grads) == 1
+    assert len(product_passes) == 1
     compiled = torch.compile(lora_linear, fullgraph=True, backend="aot_eager")
     got, _ = gated_step(compiled, inputs, strategy="merged")
-    assert len(product_grads) == 1
+    assert len(product_passes) == 1
     for name, g, w in zip(("y", "dx", "dA", "dB"), got, eager, strict=True):
         assert (g - w).norm() / w.norm() <= 1e-5, name
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_under_activation_checkpointing(reentrant, product_grads):
+def test_under_activation_checkpointing(reentrant, product_passes):
     """A gated block under ``torch.utils.checkpoint``, as transformers' gradient checkpointing wraps a
     decoder layer. The reentrant kind runs the block again in backward with grad on, building a fresh
     multiplication node, so the path runs there; the non-reentrant kind packs saved tensors through hooks,
@@ -207,6 +210,6 @@ def test_under_activation_checkpointing(reentrant, product_grads):
         out = checkpoint(block, *leaves, use_reentrant=reentrant) if wrap else block(*leaves)
         out.square().sum().backward()
         grads.append([t.grad for t in leaves])
-    assert len(product_grads) == (2 if reentrant else 1)  # the plain run, then the checkpointed one's
+    assert len(product_passes) == (2 if reentrant else 1)  # the plain run, then the checkpointed one's
     for name, g, w in zip(("dx", "dA", "dB"), grads[1], grads[0], strict=True):
         assert torch.equal(g, w), name
