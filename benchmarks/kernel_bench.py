@@ -41,6 +41,22 @@ def bench_ms(fn: Callable[[], object], rep: int) -> float:
     return float(do_bench(fn, rep=rep, return_mode="median"))
 
 
+def kernel_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """GPU time of ``fn``'s kernels per call (ms), summed from the profiler's device events over ``calls``
+    back-to-back calls. Unlike :func:`bench_ms`, host time between launches does not count, so kernels
+    shorter than their launch can be compared (L2 is not flushed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return device_us / calls / 1e3
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """``‖got − want‖ / ‖want‖`` in float64."""
     want = want.double()
