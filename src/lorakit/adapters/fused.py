@@ -331,7 +331,8 @@ def _product_backward(
     if (
         _use_triton("grad", a)
         and a.dtype in (torch.bfloat16, torch.float16)
-        and dx.dtype == a.dtype
+        and dx.dtype == b.dtype == a.dtype
+        and (gb is None or gb.dtype == a.dtype)  # one dtype: the compiled kernel is reused by that key
         and _table_launch_allowed((dx, a, b) if gb is None else (dx, a, b, gb))  # as the kernel is compiled
         and a.numel() < 2**31
     ):
