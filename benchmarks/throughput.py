@@ -48,7 +48,8 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # (fused.ONE_LAUNCH_MERGE off). Backward rebuilding the merged weight for dX everywhere, also where
 # dX = (G·sB) A + G W0 moves fewer bytes (fused.UNMERGED_INPUT_GRAD off; -remerge). The merge and G/dB
 # kernels launched through Triton's own launch on every call (triton_lora.DIRECT_LAUNCH off; -jitlaunch).
-# down_proj keeping its input x = act(gate) * up for dA instead of the two factors autograd keeps anyway
+# down_proj keeping its input x = act(gate) * up for dA, with torch's backward of the multiplication, instead
+# of taking the two factors autograd keeps anyway and giving them their gradients itself
 # (fused.RECOMPUTE_PRODUCT_INPUT off; -keepinput).
 EXTRA_VARIANTS = [
     "lorakit-reference",
