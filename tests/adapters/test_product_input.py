@@ -213,3 +213,21 @@ def test_under_activation_checkpointing(reentrant, product_passes):
     assert len(product_passes) == (2 if reentrant else 1)  # the plain run, then the checkpointed one's
     for name, g, w in zip(("dx", "dA", "dB"), grads[1], grads[0], strict=True):
         assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("query", ["missing", "other-signature"])
+def test_a_torch_that_cannot_tell_about_saved_tensor_hooks_keeps_the_input(
+    query, product_passes, monkeypatch
+):
+    """Where torch cannot say whether saved-tensor hooks are set, the path is not taken."""
+
+    def other_signature() -> None:
+        return None
+
+    if query == "missing":
+        monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    else:
+        monkeypatch.setattr(torch._C._autograd, "_top_saved_tensors_default_hooks", other_signature)
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert not _product_layer_ran(a * b, product_passes)

@@ -317,7 +317,10 @@ def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are set (``torch.autograd.graph.saved_tensors_hooks``); True where this
     torch cannot tell."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(True) is not None
+    try:
+        return top is None or top(True) is not None
+    except TypeError:  # a torch whose query takes other arguments
+        return True
 
 
 def _product_backward(
