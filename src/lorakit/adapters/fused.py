@@ -314,12 +314,17 @@ def _product_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks are set (``torch.autograd.graph.saved_tensors_hooks``); True where this
-    torch cannot tell."""
+    """Whether saved-tensor hooks are set (``torch.autograd.graph.saved_tensors_hooks``), as inside
+    ``torch.utils.checkpoint(use_reentrant=False)`` or activation offloading.
+
+    Reads torch's private query (what ``torch.utils.checkpoint`` itself uses). Where a torch lacks it or it
+    takes other arguments, answers True, so the callers (sibling groups, the product rule) stay off rather
+    than change what a checkpoint's recomputation saves.
+    """
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     try:
-        return top is None or top(True) is not None
-    except TypeError:  # a torch whose query takes other arguments
+        return top is None or top(False) is not None
+    except TypeError:
         return True
 
 

@@ -304,7 +304,7 @@ class SiblingGroup:
         checkpoint's recomputation must save exactly what the forward saved, and a probe that ends between
         the two would change that.
         """
-        if torch.compiler.is_compiling() or _saved_tensors_hooked():
+        if torch.compiler.is_compiling() or fused._saved_tensor_hooks_active():
             return None
         try:
             index = self.members.index(member)  # modules compare by identity
@@ -379,18 +379,6 @@ class SiblingGroup:
             "lorakit: %s no longer read one input tensor; they run one by one from now on",
             [type(self.members[i].base_layer).__name__ for i in self._sets[group]],
         )
-
-
-def _saved_tensors_hooked() -> bool:
-    """Whether saved-tensor hooks are active, as inside ``torch.utils.checkpoint(use_reentrant=False)``.
-
-    Reads torch's private query (what ``torch.utils.checkpoint`` itself uses); if a torch version lacks it,
-    answers True, so groups stay off rather than risk a checkpoint's recomputation saving other tensors.
-    """
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return True
-    return top(False) is not None
 
 
 def _version(x: torch.Tensor) -> int | None:
