@@ -231,3 +231,22 @@ def test_a_torch_that_cannot_tell_about_saved_tensor_hooks_keeps_the_input(
     g = torch.Generator().manual_seed(3)
     a, b = (torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert not _product_layer_ran(a * b, product_passes)
+
+
+def test_under_bf16_autocast(product_passes, monkeypatch):
+    """A float32 gated block under bf16 autocast: the product is formed in bf16, the path runs, and every
+    gradient equals the run that keeps the input."""
+    x0, w_gate, w_up, w_down, a0, b0 = gated_inputs(torch.float32)
+    grads = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", recompute)
+        x, lora_a, lora_b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+            y = lora_linear(h, w_down, None, lora_a, lora_b, 2.0)
+        assert h.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        grads[recompute] = (x.grad, lora_a.grad, lora_b.grad)
+    assert len(product_passes) == 1
+    for name, got, want in zip(("dx", "dA", "dB"), grads[True], grads[False], strict=True):
+        assert torch.equal(got, want), name
