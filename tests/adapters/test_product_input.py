@@ -250,3 +250,22 @@ def test_under_bf16_autocast(product_passes, monkeypatch):
     assert len(product_passes) == 1
     for name, got, want in zip(("dx", "dA", "dB"), grads[True], grads[False], strict=True):
         assert torch.equal(got, want), name
+
+
+def test_a_product_used_elsewhere_too_gets_both_gradients(product_passes, monkeypatch):
+    """x = a * b feeding the layer and another op: the layer gives a and b its share, the multiplication's
+    backward the other op's share, and autograd adds them (float64, against the input kept)."""
+    grads = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", recompute)
+        g = torch.Generator().manual_seed(5)
+        a, b = (torch.randn(T, INNER, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        *_, w_down, lora_a, lora_b = gated_inputs(torch.float64)
+        lora_a.requires_grad_(True)
+        h = a * b
+        loss = lora_linear(h, w_down, None, lora_a, lora_b, 2.0).square().sum() + h.sin().sum()
+        loss.backward()
+        grads[recompute] = (a.grad, b.grad, lora_a.grad)
+    assert len(product_passes) == 1
+    for name, got, want in zip(("da", "db", "dA"), grads[True], grads[False], strict=True):
+        assert (got - want).norm() / want.norm() <= 1e-12, name
