@@ -13,7 +13,6 @@ GPU.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import logging
@@ -23,9 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from throughput import Spec, apply_variant, build_model, make_step, set_library_flags
-
-from lorakit.utils import atomic_write, atomic_write_json
+from throughput import Spec, prepare_variant, variants_parser, write_report
 
 logger = logging.getLogger("gpu_idle")
 STEPS = 2
@@ -106,10 +103,7 @@ def idle_report(events: list[dict], min_gap_us: float, steps: int) -> dict:
 
 def profile_variant(variant: str, spec: Spec, min_gap_us: float, warmup: int = 5) -> dict:
     """Two profiled steps of ``variant``, each from an idle GPU, and :func:`idle_report` of their trace."""
-    base, fused_optimizer = set_library_flags(variant)
-    model = apply_variant(build_model(spec, "cuda"), base, spec)
-    ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device="cuda")
-    _, opt = make_step(model, ids, False, fused_optimizer)
+    model, ids, _, opt = prepare_variant(variant, spec, "cuda")
 
     def step() -> None:
         with torch.profiler.record_function("forward"):
@@ -158,13 +152,8 @@ def render(results: list[dict], rows: int = 12) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--variants", default="no-adapter,lorakit", help="comma-separated throughput.py variants"
-    )
-    parser.add_argument("--layers", type=int, default=Spec.layers, help="decoder layers of the model")
+    parser = variants_parser(__doc__.split("\n\n")[0], "out/idle.json", "no-adapter,lorakit")
     parser.add_argument("--min-gap", type=float, default=2.0, help="shortest idle gap counted (µs)")
-    parser.add_argument("--out", type=Path, default=Path("out/idle.json"), help="JSON of every row")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not torch.cuda.is_available():
@@ -178,10 +167,8 @@ def main() -> None:
             "%s: idle %.2f ms per step %s", variant, results[-1]["idle_ms_per_step"],
             results[-1]["by_phase_ms_per_step"],
         )  # fmt: skip
-    atomic_write_json(args.out, {"spec": asdict(spec), "min_gap_us": args.min_gap, "results": results})
     text = render(results)
-    with atomic_write(args.out.with_suffix(".md")) as handle:
-        handle.write(text)
+    write_report(args.out, {"spec": asdict(spec), "min_gap_us": args.min_gap, "results": results}, text)
     print(text)
 
 

@@ -24,9 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from throughput import Spec, apply_variant, build_model, make_step, set_library_flags
-
-from lorakit.utils import atomic_write, atomic_write_json
+from throughput import Spec, prepare_variant, write_report
 
 logger = logging.getLogger("host_profile")
 
@@ -38,10 +36,7 @@ def _sync(device: str) -> None:
 
 def profile_variant(variant: str, spec: Spec, device: str, steps: int, profiled: int, rows: int) -> dict:
     """Median step ms, and the top ``rows`` functions by own and by total time over ``profiled`` steps."""
-    base, fused_optimizer = set_library_flags(variant)
-    model = apply_variant(build_model(spec, device), base, spec)
-    ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device)
-    step, _ = make_step(model, ids, compiled=False, fused_optimizer=fused_optimizer)
+    _, _, step, _ = prepare_variant(variant, spec, device)
     for _ in range(5):
         step()
     _sync(device)
@@ -102,7 +97,6 @@ def main() -> None:
         result = profile_variant(variant, spec, args.device, args.steps, args.profiled, args.rows)
         logger.info("%s: %.1f ms per step (host-bound)", variant, result["step_ms"])
         results.append(result)
-    atomic_write_json(args.out, {"spec": asdict(spec), "results": results})
     lines = [
         f"Host time per eager step, {args.layers} layers at hidden {args.hidden}, {args.tokens} tokens\n"
     ]
@@ -110,8 +104,7 @@ def main() -> None:
         lines.append(f"\n### {result['variant']}: {result['step_ms']:.1f} ms per step\n")
         for key in ("tottime", "cumtime"):
             lines.append(f"\n```\n{result['top'][key]}\n```\n")
-    with atomic_write(args.out.with_suffix(".md")) as handle:
-        handle.write("".join(lines))
+    write_report(args.out, {"spec": asdict(spec), "results": results}, "".join(lines))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,12 @@ variant (work an adapter adds to, or removes from, the frozen model's own ops). 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import defaultdict
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-from throughput import Spec, apply_variant, build_model, make_step, set_library_flags
-
-from lorakit.utils import atomic_write, atomic_write_json
+from throughput import Spec, prepare_variant, variants_parser, write_report
 
 logger = logging.getLogger("step_breakdown")
 STEPS = 2
@@ -49,10 +45,7 @@ def _part(event) -> str:
 
 def breakdown(variant: str, spec: Spec, device: str, warmup: int = 5) -> dict:
     """Per-part milliseconds per step, and every (part, op, shapes, kernel) row with its time and calls."""
-    base, fused_optimizer = set_library_flags(variant)
-    model = apply_variant(build_model(spec, device), base, spec)
-    ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device)
-    step, _ = make_step(model, ids, False, fused_optimizer)
+    model, _, step, _ = prepare_variant(variant, spec, device)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -122,12 +115,7 @@ def render(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--variants", default="no-adapter,lorakit", help="comma-separated throughput.py variants"
-    )
-    parser.add_argument("--layers", type=int, default=Spec.layers, help="decoder layers of the model")
-    parser.add_argument("--out", type=Path, default=Path("out/breakdown.json"), help="JSON of every row")
+    parser = variants_parser(__doc__.split("\n\n")[0], "out/breakdown.json", "no-adapter,lorakit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not torch.cuda.is_available():
@@ -139,10 +127,8 @@ def main() -> None:
         if len(results) > 1:
             results[-1]["changed_vs_first"] = changed_model_rows(results[0], results[-1])
         logger.info("%s: %s", variant, results[-1]["parts_ms_per_step"])
-    atomic_write_json(args.out, {"spec": asdict(spec), "results": results})
     text = render(results)
-    with atomic_write(args.out.with_suffix(".md")) as handle:
-        handle.write(text)
+    write_report(args.out, {"spec": asdict(spec), "results": results}, text)
     print(text)
 
 

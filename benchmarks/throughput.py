@@ -553,6 +553,41 @@ def make_step(
     return step, opt
 
 
+def prepare_variant(
+    variant: str,
+    spec: Spec,
+    device: str,
+    compiled: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.nn.Module, torch.Tensor, Callable[[], float], object]:
+    """``(model, ids, step, optimizer)`` for ``variant`` (optionally ending in ``-fusedopt``): lorakit's
+    switches set for it (:func:`set_library_flags`), the model built and adapted, random token ids, and
+    :func:`make_step`'s training step (optimizer None without trainable parameters)."""
+    base, fused_optimizer = set_library_flags(variant)
+    model = apply_variant(build_model(spec, device), base, spec)
+    ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device, generator=generator)
+    step, opt = make_step(model, ids, compiled, fused_optimizer)
+    return model, ids, step, opt
+
+
+def variants_parser(description: str, out: str, variants: str) -> argparse.ArgumentParser:
+    """``--variants`` (comma-separated variants of this script, default ``variants``), ``--layers`` and
+    ``--out`` (JSON path, default ``out``; a Markdown rendering goes beside it): the command line of the
+    scripts that profile whole steps per variant."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--variants", default=variants, help="comma-separated throughput.py variants")
+    parser.add_argument("--layers", type=int, default=Spec.layers, help="decoder layers of the model")
+    parser.add_argument("--out", type=Path, default=Path(out), help="JSON of every row (.md beside it)")
+    return parser
+
+
+def write_report(out: Path, data: dict, text: str) -> None:
+    """``data`` as JSON at ``out`` and ``text`` as Markdown beside it (``.md``), each written atomically."""
+    atomic_write_json(out, data)
+    with atomic_write(out.with_suffix(".md")) as handle:
+        handle.write(text)
+
+
 def timed(step: Callable, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
@@ -577,18 +612,10 @@ def measure(
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
-    name = variant
-    variant, fused_optimizer = set_library_flags(variant)
-    model = apply_variant(build_model(spec, device), variant, spec)
-    info = describe_dtypes(model)
-    ids = torch.randint(
-        0,
-        spec.vocab,
-        (spec.batch, spec.seq),
-        device=device,
-        generator=torch.Generator(device=device).manual_seed(7),
+    model, _, step, opt = prepare_variant(
+        variant, spec, device, compiled, torch.Generator(device=device).manual_seed(7)
     )
-    step, opt = make_step(model, ids, compiled, fused_optimizer)
+    info = describe_dtypes(model)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -600,12 +627,12 @@ def measure(
     runs = [timed(step, steps) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile_to is not None:
-        profile_steps(step, profile_to, f"{name} {'compiled' if compiled else 'eager'}")
+        profile_steps(step, profile_to, f"{variant} {'compiled' if compiled else 'eager'}")
     tokens = spec.batch * spec.seq
     all_times = [t for run in runs for t in run]
     med = statistics.median(all_times)
     result = {
-        "variant": name,
+        "variant": variant,
         "mode": "compile" if compiled else "eager",
         "spec": asdict(spec),
         "tok_per_s": tokens / med,
