@@ -331,6 +331,12 @@ if triton is not None:
             at = out_ptr + rk[:, None] * N + rn[None, :]
             tl.atomic_add(at, acc, mask=k_ok[:, None] & n_ok[None, :], sem="relaxed")
 
+    def _block_r(rank: int) -> int:
+        """BLOCK_R of the kernels for factors of rank ``rank``: the next power of two, at least 16 (the
+        smallest ``tl.dot`` dimension). Plain arithmetic: ``triton.next_power_of_2`` costs host time per
+        call."""
+        return max(16, 1 << (rank - 1).bit_length())
+
     def _launch(
         kernel,
         weight: torch.Tensor,
@@ -353,7 +359,7 @@ if triton is not None:
             *weight.stride(), *left.stride(), *right.stride(), *out.stride(),
         )  # fmt: skip
         constexprs = {
-            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": max(16, 1 << (R - 1).bit_length()),
+            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": _block_r(R),
             # tf32 rounds the rank-r product to ~1e-3 of ΔW, far below a bf16/fp16 ulp of W; fp32 weights
             # keep full precision.
             "IEEE": weight.dtype == torch.float32,
@@ -397,7 +403,7 @@ if triton is not None:
         (kernel or _rows_kernel)[(triton.cdiv(M, block_m),)](
             a, r_, u_, rows if rows is not None else a, cols if cols is not None else a, M, N, R,
             a.stride(0), a.stride(1), r_.stride(0), r_.stride(1), u_.stride(0), u_.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R),
             HAS_ROWS=right is not None, HAS_COLS=u is not None, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return rows, cols
@@ -547,7 +553,7 @@ if triton is not None:
                 rows,
                 a_rows,
                 b_size,
-                max(16, triton.next_power_of_2(max(key[4]))),
+                _block_r(max(key[4])),
                 list(key[3]),
                 [m * r for m, r in zip(key[3], key[4], strict=True)],
             )
@@ -628,7 +634,7 @@ if triton is not None:
                 chunks = triton.cdiv(n, chunk) if chunk else 1
                 meta += [n // 16, r, col0, db0, item0, chunks]
                 col0, db0, item0 = col0 + r, db0 + n * r, item0 + chunks
-            block_r = max(16, triton.next_power_of_2(max(ranks)))
+            block_r = _block_r(max(ranks))
             db_sizes = [n * r for n, r in zip(widths, ranks, strict=True)]
             return _upload(meta, torch.int32, device), db0, item0, item0 > len(ranks), block_r, db_sizes
 
@@ -722,7 +728,7 @@ if triton is not None:
         d_a, d_b = torch.empty_like(a), torch.empty_like(b)
         out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device) if g is not None else None
         constexprs = {
-            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": max(16, 1 << (rank - 1).bit_length()),
+            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": _block_r(rank),
             "HAS_G": g is not None,
         }  # fmt: skip
         # every pointer argument is aligned (the caller checks dx, a, b and g; the outputs are new)
