@@ -1,4 +1,4 @@
-"""Where an eager training step leaves the GPU idle, and what the host was doing then.
+"""Where a training step leaves the GPU idle, and what the host was doing then.
 
 ``step_breakdown.py`` sums the GPU's kernel time; a step's wall time is that plus the time the GPU waits for
 the host. This script profiles two steps of the throughput model per variant (``torch.profiler``, CPU and
@@ -9,6 +9,7 @@ optimizer) and to its context (the autograd node in backward, a lorakit Function
 GPU.
 
     PYTHONPATH=src python benchmarks/gpu_idle.py --variants no-adapter,lorakit --out out/idle.json
+    PYTHONPATH=src python benchmarks/gpu_idle.py --compile --variants no-adapter,lorakit
 """
 
 from __future__ import annotations
@@ -101,13 +102,18 @@ def idle_report(events: list[dict], min_gap_us: float, steps: int) -> dict:
     }
 
 
-def profile_variant(variant: str, spec: Spec, min_gap_us: float, warmup: int = 5) -> dict:
-    """Two profiled steps of ``variant``, each from an idle GPU, and :func:`idle_report` of their trace."""
+def profile_variant(
+    variant: str, spec: Spec, min_gap_us: float, compiled: bool = False, warmup: int = 5
+) -> dict:
+    """Two profiled steps of ``variant`` (under ``torch.compile(model)`` if ``compiled``), each from an idle
+    GPU, and :func:`idle_report` of their trace."""
+    torch._dynamo.reset()
     model, ids, _, opt = prepare_variant(variant, spec, "cuda")
+    forward = torch.compile(model) if compiled else model
 
     def step() -> None:
         with torch.profiler.record_function("forward"):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
         with torch.profiler.record_function("backward"):
             loss.backward()
         if opt is not None:
@@ -154,6 +160,7 @@ def render(results: list[dict], rows: int = 12) -> str:
 def main() -> None:
     parser = variants_parser(__doc__.split("\n\n")[0], "out/idle.json", "no-adapter,lorakit")
     parser.add_argument("--min-gap", type=float, default=2.0, help="shortest idle gap counted (µs)")
+    parser.add_argument("--compile", action="store_true", help="run the model under torch.compile(model)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not torch.cuda.is_available():
@@ -161,7 +168,7 @@ def main() -> None:
     spec = Spec(layers=args.layers)
     results = []
     for variant in args.variants.split(","):
-        results.append(profile_variant(variant, spec, args.min_gap))
+        results.append(profile_variant(variant, spec, args.min_gap, args.compile))
         torch.cuda.empty_cache()  # the variant's model is gone with profile_variant's frame
         logger.info(
             "%s: idle %.2f ms per step %s", variant, results[-1]["idle_ms_per_step"],
