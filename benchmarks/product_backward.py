@@ -13,7 +13,14 @@ At the down projection of the default model (T tokens × 8192 inputs, r = 16, bf
 Every configuration is first checked: the input gradients bit for bit against torch's, dA against float64
 (rel. err ≤ 1e-3). The bandwidth counts the kernel's bytes: three reads and two writes of T × 8192.
 
+With ``--silu`` the same for ``x = silu(a) * b`` (``fused.lora_gated_linear``, a the gate before its
+activation): ``kept`` is then torch's SiLU and multiplication backward with the GEMM, ``compiled`` the same
+under ``torch.compile`` (one fused Inductor kernel for both input gradients, as a compiled model without the
+gated route runs it), and each configuration is checked against float64 (input gradients rel. err ≤ 1e-2,
+dA ≤ 2e-3).
+
     PYTHONPATH=src python benchmarks/product_backward.py --out out/product_backward.json
+    PYTHONPATH=src python benchmarks/product_backward.py --silu --out out/product_backward_silu.json
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from kernel_bench import bench_ms, environment, per_step_parser, rel_err, start
 
 from lorakit.adapters import triton_lora
@@ -38,15 +46,49 @@ CONFIGS = [
     (64, 256, 8, 3, 1024),
     (32, 256, 4, 3, 1024),
 ]
+SILU_CONFIGS = [
+    triton_lora.PRODUCT_BACKWARD_SILU_CONFIG,
+    (128, 128, 8, 3, 1024),
+    (64, 128, 8, 3, 1024),
+    (64, 128, 4, 3, 1024),
+    (32, 128, 4, 3, 1024),
+    (64, 64, 4, 3, 1024),
+    (32, 256, 8, 3, 1024),
+    (64, 128, 8, 2, 1024),
+]
 
 
-def main() -> None:
-    args = per_step_parser(__doc__, "out/product_backward.json").parse_args()
-    start(
-        "product_backward.py", "a CUDA GPU with Triton", torch.cuda.is_available() and triton_lora.AVAILABLE
-    )
-    a, b, dx = (torch.randn(args.tokens, WIDTH, device="cuda", dtype=torch.bfloat16) for _ in "abd")
-    g = torch.randn(args.tokens, RANK, device="cuda", dtype=torch.bfloat16)
+def silu_main(a, b, dx, g) -> dict:
+    """Times and checks of ``x = silu(a) * b`` (``--silu``)."""
+    a64, b64, dx64 = a.double(), b.double(), dx.double()
+    sig = torch.sigmoid(a64)
+    wants = (dx64 * b64 * sig * (1 + a64 * (1 - sig)), dx64 * a64 * sig, g.double().t() @ (a64 * sig * b64))
+    x = F.silu(a) * b
+
+    def kept() -> tuple:
+        act = F.silu(a)
+        grads = torch.ops.aten.silu_backward(dx * b, a), dx * act
+        return *grads, torch.mm(g.t(), x, out_dtype=torch.float32)
+
+    input_grads = torch.compile(lambda: (torch.ops.aten.silu_backward(dx * b, a), dx * F.silu(a)))
+
+    def compiled() -> tuple:
+        return *input_grads(), torch.mm(g.t(), x, out_dtype=torch.float32)
+
+    row = {"kept_ms": bench_ms(kept, 200), "compiled_ms": bench_ms(compiled, 200)}
+    for config in SILU_CONFIGS:
+        got = triton_lora.product_backward(dx, a, b, g, config, True)
+        errors = [rel_err(t, want) for t, want in zip(got, wants, strict=True)]
+        if max(errors[:2]) > 1e-2 or errors[2] > 2e-3:
+            raise SystemExit(f"product_backward {config} (silu): rel. errors {errors} against float64")
+        row["x".join(map(str, config)) + "_ms"] = bench_ms(
+            lambda c=config: triton_lora.product_backward(dx, a, b, g, c, True), 200
+        )
+    return row
+
+
+def plain_main(a, b, dx, g) -> dict:
+    """Times and checks of ``x = a * b``."""
     x = a * b
     want = g.double().t() @ x.double()
 
@@ -68,18 +110,32 @@ def main() -> None:
         row["x".join(map(str, config)) + "_ms"] = bench_ms(
             lambda c=config: triton_lora.product_backward(dx, a, b, g, c), 200
         )
-    others = ("kept_ms", "torch_ms")
+    return row
+
+
+def main() -> None:
+    parser = per_step_parser(__doc__, "out/product_backward.json")
+    parser.add_argument("--silu", action="store_true", help="x = silu(a) * b (the gated route)")
+    args = parser.parse_args()
+    start(
+        "product_backward.py", "a CUDA GPU with Triton", torch.cuda.is_available() and triton_lora.AVAILABLE
+    )
+    a, b, dx = (torch.randn(args.tokens, WIDTH, device="cuda", dtype=torch.bfloat16) for _ in "abd")
+    g = torch.randn(args.tokens, RANK, device="cuda", dtype=torch.bfloat16)
+    row = silu_main(a, b, dx, g) if args.silu else plain_main(a, b, dx, g)
+    others = ("kept_ms", "torch_ms", "compiled_ms")
     best = min((k for k in row if k not in others), key=row.get)
     logger.info(
-        "kept x: muls + GEMM %.1f µs; torch from the factors %.1f µs; product_backward: %s; best %s at "
-        "%.2f TB/s",
-        row["kept_ms"] * 1e3, row["torch_ms"] * 1e3,
+        "%s; product_backward: %s; best %s at %.2f TB/s",
+        ", ".join(f"{k[:-3]} {row[k] * 1e3:.1f} µs" for k in others if k in row),
         ", ".join(f"{k[:-3]} {v * 1e3:.1f}" for k, v in row.items() if k not in others),
-        best[:-3], 5 * 2 * x.numel() / row[best] / 1e9,
+        best[:-3], 5 * 2 * a.numel() / row[best] / 1e9,
     )  # fmt: skip
     per_step = {k: args.layers * v for k, v in row.items()}
     logger.info("per step (ms): %s", {k: round(v, 2) for k, v in per_step.items()})
-    atomic_write_json(args.out, {"env": environment(vars(args)), "shape": row, "per_step_ms": per_step})
+    atomic_write_json(
+        args.out, {"env": environment(vars(args)), "silu": args.silu, "shape": row, "per_step_ms": per_step}
+    )
 
 
 if __name__ == "__main__":

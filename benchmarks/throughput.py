@@ -30,9 +30,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from lorakit.adapters import fused, grouped, triton_gemm, triton_lora
-from lorakit.adapters.fused import dropout_mask, lora_linear, reference_lora_linear
+from lorakit.adapters import fused, gated_mlp, grouped, triton_gemm, triton_lora
+from lorakit.adapters.fused import dropout_mask, lora_gated_linear, lora_linear, reference_lora_linear
 from lorakit.utils import atomic_write, atomic_write_json
 
 LOG = logging.getLogger("throughput")
@@ -50,7 +51,9 @@ VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lor
 # kernels launched through Triton's own launch on every call (triton_lora.DIRECT_LAUNCH off; -jitlaunch).
 # down_proj keeping its input x = act(gate) * up for dA, with torch's backward of the multiplication, instead
 # of taking the two factors autograd keeps anyway and giving them their gradients itself
-# (fused.RECOMPUTE_PRODUCT_INPUT off; -keepinput).
+# (fused.RECOMPUTE_PRODUCT_INPUT off; -keepinput). Llama's MLPs with their own forward, so that under
+# torch.compile the down projection keeps its input x instead of taking gate and up (gated_mlp.detach after
+# inject; -nogated).
 EXTRA_VARIANTS = [
     "lorakit-reference",
     "lorakit-notriton",
@@ -70,6 +73,8 @@ EXTRA_VARIANTS = [
     "lorakit-jitlaunch",
     "lorakit-frozenA-jitlaunch",
     "lorakit-keepinput",
+    "lorakit-nogated",
+    "lorakit-savemerged-nogated",
 ]
 TRITON_KERNELS = {
     "lorakit-notriton": frozenset(),
@@ -96,6 +101,8 @@ PEER = {
     "lorakit-jitlaunch": "peft-bf16",
     "lorakit-frozenA-jitlaunch": "peft-bf16-frozenA",
     "lorakit-keepinput": "peft-bf16",
+    "lorakit-nogated": "peft-bf16",
+    "lorakit-savemerged-nogated": "peft-bf16",
 }
 TARGET_VS_NONE = {
     "lorakit": 0.95,
@@ -115,6 +122,8 @@ TARGET_VS_NONE = {
     "lorakit-jitlaunch": 0.95,
     "lorakit-frozenA-jitlaunch": 0.97,
     "lorakit-keepinput": 0.95,
+    "lorakit-nogated": 0.95,
+    "lorakit-savemerged-nogated": 0.95,
 }
 # eager variants profiled with --profile
 PROFILED = (
@@ -311,9 +320,10 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
 
 def check_product(device: str, tokens: int = 4096) -> dict:
     """A layer whose input is the product of two tensors that require grad (``down_proj(act(gate) * up)``,
-    ``fused.RECOMPUTE_PRODUCT_INPUT``): outputs and the gradients of both factors, A and B against float64,
-    bf16 and fp32, merged and addmm. Each case runs twice (:func:`_both_launches`); the worse run counts. A
-    bf16 case whose backward did not go through ``triton_lora.product_backward`` fails."""
+    ``fused.RECOMPUTE_PRODUCT_INPUT``), and ``fused.lora_gated_linear`` given gate and up of
+    ``silu(gate) * up``: outputs and the gradients of both factors, A and B against float64, bf16 and fp32,
+    merged and addmm. Each case runs twice (:func:`_both_launches`); the worse run counts. A bf16 case whose
+    backward did not go through ``triton_lora.product_backward`` fails."""
     results, ok = [], True
     gen = torch.Generator(device=device).manual_seed(2468)
     in_f, out_f, r = 4096, 1024, 16
@@ -322,8 +332,8 @@ def check_product(device: str, tokens: int = 4096) -> dict:
         real = triton_lora.product_backward
         triton_lora.product_backward = lambda *args: launches.append(1) or real(*args)
     try:
-        for dtype, train, strategy in itertools.product(
-            (torch.bfloat16, torch.float32), ("AB", "A"), ("merged", "addmm")
+        for dtype, train, strategy, gated in itertools.product(
+            (torch.bfloat16, torch.float32), ("AB", "A"), ("merged", "addmm"), (False, True)
         ):
             left, right = (torch.randn(tokens // 2, 2, in_f, device=device, generator=gen) for _ in "ab")
             w = torch.randn(out_f, in_f, device=device, generator=gen) / in_f**0.5
@@ -331,17 +341,21 @@ def check_product(device: str, tokens: int = 4096) -> dict:
             b = torch.randn(out_f, r, device=device, generator=gen) * 0.1
             g = torch.randn(tokens // 2, 2, out_f, device=device, generator=gen)
 
-            def run(fn, cast, left=left, right=right, w=w, a=a, b=b, g=g, train=train, **kw):
+            def run(fn, cast, left=left, right=right, w=w, a=a, b=b, g=g, train=train, gated=gated, **kw):
                 factor = torch.float64 if cast == torch.float64 else torch.float32
                 ls, rs = (t.to(cast).clone().requires_grad_(True) for t in (left, right))
                 a_ = a.to(factor).clone().requires_grad_("A" in train)
                 b_ = b.to(factor).clone().requires_grad_("B" in train)
-                y = fn(ls * rs, w.to(cast), None, a_, b_, 2.0, **kw)
+                if fn is lora_gated_linear:
+                    y = fn(ls, rs, w.to(cast), None, a_, b_, 2.0, **kw)
+                else:
+                    y = fn(F.silu(ls) * rs if gated else ls * rs, w.to(cast), None, a_, b_, 2.0, **kw)
                 y.backward(g.to(cast))
                 return [y, ls.grad, rs.grad, a_.grad, b_.grad]
 
             launches.clear()
-            runs = _both_launches(partial(run, lora_linear, dtype, strategy=strategy))
+            layer = lora_gated_linear if gated else lora_linear
+            runs = _both_launches(partial(run, layer, dtype, strategy=strategy))
             want = run(reference_lora_linear, torch.float64)
             errs, passed = _worse_of(("y", "d_left", "d_right", "dA", "dB"), runs, want, dtype)
             on_gpu_kernel = dtype != torch.float32 and fused._use_triton("grad", left)
@@ -351,7 +365,7 @@ def check_product(device: str, tokens: int = 4096) -> dict:
                 {
                     "dtype": str(dtype),
                     "train": train,
-                    "strategy": f"{strategy}+productinput",
+                    "strategy": f"{strategy}+{'gated' if gated else 'productinput'}",
                     "rel_err": errs,
                     "pass": passed and kernel_ran,
                 }
@@ -519,6 +533,8 @@ def apply_variant(model: torch.nn.Module, variant: str, spec: Spec) -> torch.nn.
         group_siblings="-ungrouped" not in variant,
     )
     lorakit.inject(model, cfg)
+    if variant.endswith("-nogated"):
+        gated_mlp.detach(model)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 1e-3)

@@ -514,6 +514,34 @@ PRODUCT_BACKWARD_CHECK = textwrap.dedent(
     assert torch.equal(dx, dx_kept) and torch.equal(d_lora_b, d_lora_b_kept)
     # dA: float32 sums over the kernel's tiles against the half GEMM of the kept x
     assert float((d_lora_a - d_lora_a_kept).norm() / d_lora_a_kept.norm()) < 2e-3
+
+    # the gated form: a is the gate before its SiLU, x = silu(a) * b, formed in float32 and rounded once
+    def rel(got, want):
+        return float((got.double() - want).abs().max() / want.abs().max())
+
+    for tokens, n_cols, rank, config in [(70, 100, 8, (16, 32, 4, 1, 32)), (33, 40, 4, None)]:
+        a, b, dx = (torch.randn(tokens, n_cols).half() for _ in range(3))
+        g = torch.randn(tokens, rank).half()
+        d_a, d_b, d_lora = real(dx, a, b, g, config, True)
+        a64, b64, dx64 = a.double(), b.double(), dx.double()
+        sig = torch.sigmoid(a64)
+        assert rel(d_a, dx64 * b64 * sig * (1 + a64 * (1 - sig))) < 1e-3, (tokens, config)
+        assert rel(d_b, dx64 * a64 * sig) < 1e-3, (tokens, config)
+        assert rel(d_lora, g.double().t() @ (a64 * sig * b64)) < 2e-3, (tokens, config)
+
+    # lora_gated_linear's backward goes through the kernel, with torch's gradients
+    launches.clear()
+    grads = {}
+    for kernel in (False, True):
+        fused._use_triton = lambda name, t, on=kernel: on and name in fused.TRITON_KERNELS
+        x = x0.clone().requires_grad_(True)
+        lora_a, lora_b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        y = fused.lora_gated_linear(x @ w_gate.t(), x @ w_up.t(), w_down, None, lora_a, lora_b, 2.0)
+        y.float().square().sum().backward()
+        grads[kernel] = (x.grad, lora_a.grad, lora_b.grad)
+    assert launches == [1]
+    for got, want in zip(grads[True], grads[False], strict=True):
+        assert rel(got, want.double()) < 5e-3
     """
 )
 
@@ -521,5 +549,5 @@ PRODUCT_BACKWARD_CHECK = textwrap.dedent(
 def test_product_backward_kernel_under_the_interpreter() -> None:
     """The backward of x = a * b and a LoRA layer's dA in one pass (``fused.RECOMPUTE_PRODUCT_INPUT``): the
     input gradients bit for bit against torch, dA against float64, and a gated block's gradients equal to
-    those with x kept."""
+    those with x kept; the gated form ``silu(a) * b`` against float64 and through ``lora_gated_linear``."""
     _interpret(PRODUCT_BACKWARD_CHECK)

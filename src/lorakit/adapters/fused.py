@@ -23,7 +23,7 @@ Three strategies compute exactly this function; ``lora_linear`` picks the one th
   2·out, backward skips it: ``dX = (G · sB) A + G W0``, see :func:`_merge_for_input_grad`);
   ``save_merged_weight=True`` makes that trade wherever backward would rebuild W, for one pass fewer over
   those weights per step and, in eager, one kernel launch fewer (H100, 16-layer Llama at hidden 2048:
-  +0.8 GiB peak in eager; compiled, where every weight is kept, +2.2% for +1.8 GiB; benchmarks/RESULTS.md).
+  +0.8 GiB peak in eager; compiled, where every weight is kept, +1.6% for +1.8 GiB; benchmarks/RESULTS.md).
   Rounding ``W0 + ΔW`` once to bf16 perturbs the output by about one bf16 ulp of ``|y|``, the same order as
   rounding the base output and the LoRA term separately as the unfused path does.
 * ``"addmm"`` (dropout, or few tokens as in decoding): the base GEMM, then ``y.addmm_(u, Bᵀ)``
@@ -35,7 +35,8 @@ Three strategies compute exactly this function; ``lora_linear`` picks the one th
 
 All save ``x`` only when ``A`` is trainable (in eager, where ``x = a * b`` is a product whose operands
 autograd keeps anyway, as in a gated MLP's down projection, those operands instead:
-:data:`RECOMPUTE_PRODUCT_INPUT`) and ``u`` (T×r) only when ``B`` is trainable, compute ``dA``/``dB`` only
+:data:`RECOMPUTE_PRODUCT_INPUT`; under ``torch.compile``, a gated MLP's gate and up through
+:func:`lora_gated_linear`) and ``u`` (T×r) only when ``B`` is trainable, compute ``dA``/``dB`` only
 for trainable factors (on CUDA the GEMM writes them in float32 directly; under
 ``torch.compile`` with Triton one kernel reads ``G`` once for both ``G · sB`` and ``dB``), keep ``A``/``B``
 as float32 masters and cast only these r-sized factors to ``x``'s dtype (never ``x`` up). The output is
@@ -329,23 +330,41 @@ def _saved_tensor_hooks_active() -> bool:
 
 
 def _product_backward(
-    dx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gb: torch.Tensor | None, dtype: torch.dtype
+    dx: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gb: torch.Tensor | None,
+    dtype: torch.dtype,
+    silu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(dx ⊙ b, dx ⊙ a, dA)`` for a layer that took ``x = a * b`` (:func:`_product_factors`): the
     multiplication's input gradients for the layer's input gradient dx, and ``dA = gbᵀ (a ⊙ b)`` in
-    ``dtype`` where gb is given (else None); all (T × in) rows. On CUDA with Triton one kernel reads dx, a
-    and b once for all three (:func:`triton_lora.product_backward`; torch's multiplication backward alone
-    takes two passes); otherwise torch ops, the product formed again as in forward."""
+    ``dtype`` where gb is given (else None); all (T × in) rows. With ``silu``, ``x = silu(a) * b``
+    (:func:`lora_gated_linear`) and the first two are ``dx ⊙ b ⊙ silu'(a)`` and ``dx ⊙ silu(a)``.
+
+    On CUDA with Triton one kernel reads dx, a and b once for all three (:func:`triton_lora.product_backward`;
+    torch's multiplication backward alone takes two passes): in eager through a direct launch, under
+    ``torch.compile`` (with gb) as the registered op. Otherwise torch ops, the product formed again as in
+    forward.
+    """
+    operands = (dx, a, b) if gb is None else (dx, a, b, gb)
+    compiling = torch.compiler.is_compiling()
     if (
         _use_triton("grad", a)
         and a.dtype in (torch.bfloat16, torch.float16)
-        and dx.dtype == b.dtype == a.dtype
-        and (gb is None or gb.dtype == a.dtype)  # one dtype: the compiled kernel is reused by that key
-        and _table_launch_allowed((dx, a, b) if gb is None else (dx, a, b, gb))  # as the kernel is compiled
+        and all(t.dtype == a.dtype for t in operands)  # one dtype: the compiled kernel is reused by that key
         and a.numel() < 2**31
+        and (
+            (compiling and gb is not None and all(t.is_contiguous() for t in operands))
+            or _table_launch_allowed(operands)  # eager: contiguous and aligned, as the kernel is compiled
+        )
     ):
-        d_left, d_right, d_a = triton_lora.product_backward(dx, a, b, gb)
+        d_left, d_right, d_a = triton_lora.product_backward(dx, a, b, gb, None, silu)
         return d_left, d_right, d_a if d_a is None or d_a.dtype == dtype else d_a.to(dtype)
+    if silu:
+        activated = F.silu(a)
+        d_a = None if gb is None else _matmul_as(gb.t(), activated * b, dtype)
+        return torch.ops.aten.silu_backward(dx * b, a), dx * activated, d_a
     d_a = None if gb is None else _matmul_as(gb.t(), a * b, dtype)
     return dx * b, dx * a, d_a
 
@@ -438,9 +457,11 @@ class _LoraLinearFunction(torch.autograd.Function):
     """Forward/backward of the LoRA linear; see the module docstring for the formulas.
 
     The settings come as one tuple ``flags`` = (scaling, dropout_p, transposed, strategy, need_dx, train_a,
-    train_b, save_merged_weight): ``apply`` costs host time per argument, and eager LoRA steps are bound by
-    host time. Forward flattens ``x`` (and the dropout mask) to rows once, for its 2-D GEMMs and for the
-    saved tensors, so a non-contiguous input is copied once; backward flattens the upstream gradient once.
+    train_b, save_merged_weight, gated): ``apply`` costs host time per argument, and eager LoRA steps are
+    bound by host time. With ``gated`` (:func:`lora_gated_linear`), x is None and the input is formed here
+    as ``silu(left) * right``. Forward flattens ``x`` (and the dropout mask) to rows once, for its 2-D GEMMs
+    and for the saved tensors, so a non-contiguous input is copied once; backward flattens the upstream
+    gradient once.
     """
 
     @staticmethod
@@ -456,8 +477,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         left: torch.Tensor | None,
         right: torch.Tensor | None,
     ) -> torch.Tensor:
-        # left, right: the factors of x = left * right (_product_factors), kept instead of x, or None
-        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, save_merged_weight = flags
+        # left, right: the factors of x = left * right (_product_factors) or of x = silu(left) * right
+        # (gated), kept instead of x; else None
+        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, save_merged_weight, gated = flags
+        if gated:
+            x = F.silu(left) * right
         dtype = x.dtype
         if weight.dtype != dtype:  # checked here: a no-op .to() still costs a dispatch per call in eager
             weight = weight.to(dtype)
@@ -505,7 +529,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         # merged_weight and b_s (s·B in the activation dtype) are None unless forward kept them; left and
         # right are x's factors where forward took them, and x2 is then None
         x2, u, mask2, weight, lora_A, lora_B, merged_weight, b_s, left, right = ctx.saved_tensors
-        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _ = ctx.flags
+        scaling, dropout_p, transposed, strategy, need_dx, train_a, train_b, _, gated = ctx.flags
         g = _rows(grad_out)  # once: a non-contiguous upstream gradient is copied here and nowhere else
         dtype = g.dtype
         dx = d_a = d_b = None
@@ -533,7 +557,7 @@ class _LoraLinearFunction(torch.autograd.Function):
                 dx.add_(_apply_mask(gb @ lora_A.to(dtype), mask2, dropout_p))
         if left is not None:  # x's factors get their gradients here, x none (_product_factors)
             d_left, d_right, d_a = _product_backward(
-                dx, _rows(left), _rows(right), gb if train_a else None, lora_A.dtype
+                dx, _rows(left), _rows(right), gb if train_a else None, lora_A.dtype, gated
             )
             return None, None, None, d_a, d_b, None, None, d_left.view(left.shape), d_right.view(right.shape)
         if dx is not None:
@@ -658,6 +682,7 @@ def lora_linear(
         train_a,
         train_b,
         bool(save_merged_weight),
+        False,
     )
     return _apply(
         _LoraLinearFunction,
@@ -671,6 +696,79 @@ def lora_linear(
         flags,
         *(factors or (None, None)),
     )
+
+
+def lora_gated_linear(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    transposed_weight: bool = False,
+    *,
+    strategy: str = "auto",
+    save_merged_weight: bool = False,
+) -> torch.Tensor:
+    """:func:`lora_linear` of ``x = silu(gate) ⊙ up``: the down projection of a gated (SwiGLU) MLP, given
+    the two factors of its input.
+
+    With A trained, no dropout, gate and up of one shape and dtype, one of them needing a gradient, no
+    autocast and a frozen base, one Function forms x from the factors, and keeps gate and up (which the
+    activation and the multiplication keep anyway for their own backward) instead of x, so x is freed
+    after forward. Its backward gives gate and up their gradients, ``dX ⊙ up ⊙ silu'(gate)`` and
+    ``dX ⊙ silu(gate)`` with ``silu'(g) = σ(g)(1 + g(1 − σ(g)))``, in the same pass that forms
+    ``dA = (G·sB)ᵀ x`` (:func:`_product_backward`). This is :data:`RECOMPUTE_PRODUCT_INPUT` for where the
+    autograd graph cannot be read, as under ``torch.compile``; :mod:`lorakit.adapters.gated_mlp` routes
+    transformers' gated MLPs here. Elsewhere it is ``lora_linear(F.silu(gate) * up, ...)``. Arguments as
+    :func:`lora_linear`'s, with gate and up of x's shape.
+    """
+    applies = (
+        torch.is_grad_enabled()
+        and lora_A.requires_grad
+        and (gate.requires_grad or up.requires_grad)
+        and not (training and dropout_p > 0.0)
+        and gate.shape == up.shape
+        and gate.dtype == up.dtype
+        and gate.device == up.device
+        and not weight.requires_grad
+        and not (bias is not None and bias.requires_grad)
+        and not torch.is_autocast_enabled(gate.device.type)
+    )
+    if not applies:
+        return lora_linear(
+            F.silu(gate) * up,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            scaling,
+            dropout_p,
+            training,
+            transposed_weight,
+            strategy=strategy,
+            save_merged_weight=save_merged_weight,
+        )
+    if strategy not in STRATEGIES:
+        raise ValueError(f"lora_gated_linear: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    in_f, out_f = _check_shapes(gate, weight, bias, lora_A, lora_B, transposed_weight)
+    picked = _pick_strategy(strategy, gate, gate.numel() // in_f, in_f, out_f, lora_A.shape[0], False)
+    train_b = lora_B.requires_grad
+    flags = (
+        float(scaling),
+        0.0,
+        bool(transposed_weight),
+        picked,
+        True,
+        True,
+        train_b,
+        save_merged_weight,
+        True,
+    )
+    return _LoraLinearFunction.apply(None, weight, bias, lora_A, lora_B, None, flags, gate, up)
 
 
 def _autocast_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

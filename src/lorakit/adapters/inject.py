@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.adapters import gated_mlp
 from lorakit.adapters.grouped import group_siblings
 from lorakit.adapters.init import initialise
 from lorakit.adapters.layers import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
@@ -208,6 +209,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         _set_submodule(model, name, layer)
     if config.group_siblings:
         group_siblings([(name, model.get_submodule(name)) for name, *_ in plans])
+    gated_mlp.attach(model)
     for name in saved:
         for parameter in model.get_submodule(name).parameters():
             parameter.requires_grad_(True)
@@ -293,6 +295,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         _merge_all(model)
     else:
         unmerge(model)
+    gated_mlp.detach(model)
     for name, layer in list(lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     if hasattr(model, "lora_config"):

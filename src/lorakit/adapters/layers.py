@@ -167,6 +167,25 @@ class LoraLinear(LoraLayer):
                 return grouped
         return _lora_linear(self, x)
 
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(F.silu(gate) * up)``, with this layer taking the two factors of its input
+        (:func:`fused.lora_gated_linear`: x is not kept for backward) where the fused kernel runs."""
+        if self.merged or self.kernel != "fused":
+            return self(F.silu(gate) * up)
+        return fused.lora_gated_linear(
+            gate,
+            up,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout_p,
+            self.training,
+            self.transposed,
+            save_merged_weight=self.save_merged_weight,
+        )
+
 
 class LoraConv1D(LoraLinear):
     """LoRA on GPT-2's ``Conv1D`` (weight stored transposed, (in, out)): ``y = x W0 + b + s · x Aᵀ Bᵀ``."""

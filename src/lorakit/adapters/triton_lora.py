@@ -42,6 +42,8 @@ DIRECT_LAUNCH = True
 #: column block of BLOCK_N. The fastest of benchmarks/product_backward.py's eight on an H100 (240.6 µs at
 #: T = 8192 × 8192, 2.79 TB/s; 240.6–285.1 µs).
 PRODUCT_BACKWARD_CONFIG = (128, 128, 8, 3, 1024)
+#: The same for ``silu=True`` (gated MLPs under ``torch.compile``), whose tiles hold two more float32 arrays.
+PRODUCT_BACKWARD_SILU_CONFIG = (64, 128, 8, 3, 1024)
 #: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
 GROUP_GRAD_MAX_MEMBERS = 4
 merge_lora_weight = None
@@ -295,11 +297,15 @@ if triton is not None:
     def _product_backward_kernel(
         dx_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, out_ptr, T, N, R, ROWS,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_G: tl.constexpr,
+        SILU: tl.constexpr,
     ):  # fmt: skip
         """The backward of ``x = a * b`` followed by a LoRA layer, in one pass over rows pid_t·ROWS …
         (pid_t + 1)·ROWS of one column block: ``da = dx ⊙ b`` and ``db = dx ⊙ a`` (T×N, as torch's
         multiplication backward rounds them) and, with ``HAS_G``, ``out += gᵀ (a ⊙ b)`` (R×N, float32,
         zeroed), the product rounded as the forward's multiplication rounded it; one atomic add per program.
+        With ``SILU``, a holds a gated MLP's gate before its activation, ``x = silu(a) ⊙ b``: then
+        ``da = dx ⊙ b ⊙ silu'(a)`` with ``silu'(a) = σ(a)(1 + a(1 − σ(a)))``, ``db = dx ⊙ silu(a)``, and the
+        product formed in float32 and rounded once, as ``torch.compile`` fuses the forward.
         dx, a, b, g (T×R) contiguous."""
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
@@ -320,13 +326,20 @@ if triton is not None:
             dtype = a.dtype
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-            tl.store(da_ptr + at, (dx * b).to(dtype), mask=tile)
-            tl.store(db_ptr + at, (dx * a).to(dtype), mask=tile)
+            if SILU:
+                sig = tl.sigmoid(a)
+                act = a * sig
+                tl.store(da_ptr + at, (dx * b * sig * (1.0 + a * (1.0 - sig))).to(dtype), mask=tile)
+                tl.store(db_ptr + at, (dx * act).to(dtype), mask=tile)
+            else:
+                act = a
+                tl.store(da_ptr + at, (dx * b).to(dtype), mask=tile)
+                tl.store(db_ptr + at, (dx * a).to(dtype), mask=tile)
             if HAS_G:
                 g_t = tl.load(
                     g_ptr + rm[None, :] * R + rk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0
                 )
-                acc += tl.dot(g_t, (a * b).to(dtype))
+                acc += tl.dot(g_t, (act * b).to(dtype))
         if HAS_G:
             at = out_ptr + rk[:, None] * N + rn[None, :]
             tl.atomic_add(at, acc, mask=k_ok[:, None] & n_ok[None, :], sem="relaxed")
@@ -705,44 +718,67 @@ if triton is not None:
         parts = zeroed[:db_part].split_with_sizes(db_sizes)
         return g_out, [p.view(out, r) for p, out, r in zip(parts, widths, ranks, strict=True)]
 
-    def _product_backward(
+    def _product_backward_args(
         dx: torch.Tensor,
         a: torch.Tensor,
         b: torch.Tensor,
         g: torch.Tensor | None,
-        config: tuple[int, int, int, int, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(dx ⊙ b, dx ⊙ a, gᵀ (a ⊙ b))`` in one pass over dx, a and b (T×N, contiguous, one dtype, at
-        16-byte aligned addresses, under 2³¹ elements), eager only: the gradients of ``x = a * b`` for an
-        upstream gradient dx, and, where g (T×R) is given, dA = (G·sB)ᵀ x of a LoRA layer that took x
-        (float32, R×N; None without g), without writing x again.
-
-        For ``fused.RECOMPUTE_PRODUCT_INPUT``: the layer keeps a and b, which the multiplication's backward
-        needs anyway, instead of x, and this pass replaces that backward (two passes in torch) and the dA
-        GEMM's read of x. ``config`` = (BLOCK_M, BLOCK_N, warps, stages, ROWS) overrides
-        :data:`PRODUCT_BACKWARD_CONFIG`.
-        """
-        block_m, block_n, warps, stages, rows = config or PRODUCT_BACKWARD_CONFIG
+        silu: bool,
+        config: tuple[int, int, int, int, int] | None,
+    ) -> tuple[tuple, dict, tuple[int, int], dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(args, constexprs, grid, options, outputs)`` of one :func:`_product_backward_kernel` launch."""
+        default = PRODUCT_BACKWARD_SILU_CONFIG if silu else PRODUCT_BACKWARD_CONFIG
+        block_m, block_n, warps, stages, rows = config or default
         tokens, n_cols = a.shape
         rank = g.shape[1] if g is not None else 1
         d_a, d_b = torch.empty_like(a), torch.empty_like(b)
         out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device) if g is not None else None
         constexprs = {
             "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": _block_r(rank),
-            "HAS_G": g is not None,
+            "HAS_G": g is not None, "SILU": silu,
         }  # fmt: skip
-        # every pointer argument is aligned (the caller checks dx, a, b and g; the outputs are new)
-        key = ("product", a.dtype, tokens, n_cols, rank, rows, *constexprs.values(), warps, stages)
-        key += (a.device.index,)
         args = (
             dx, a, b, g if g is not None else a, d_a, d_b, out if out is not None else d_a,
             tokens, n_cols, rank, rows,
         )  # fmt: skip
-        _launch_kernel(
-            _product_backward_kernel, key, (-(-n_cols // block_n), -(-tokens // rows)), args, constexprs,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        return d_a, d_b, out
+        grid = (-(-n_cols // block_n), -(-tokens // rows))
+        return args, constexprs, grid, {"num_warps": warps, "num_stages": stages}, (d_a, d_b, out)
+
+    @triton_op("lorakit::product_backward", mutates_args={})
+    def _product_backward_op(
+        dx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, silu: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        args, constexprs, grid, options, outputs = _product_backward_args(dx, a, b, g, silu, None)
+        wrap_triton(_product_backward_kernel)[grid](*args, **constexprs, **options)
+        return outputs
+
+    def _product_backward(
+        dx: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        g: torch.Tensor | None,
+        config: tuple[int, int, int, int, int] | None = None,
+        silu: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(dx ⊙ b, dx ⊙ a, gᵀ (a ⊙ b))`` in one pass over dx, a and b (T×N, contiguous, one dtype, at
+        16-byte aligned addresses, under 2³¹ elements): the gradients of ``x = a * b`` for an upstream
+        gradient dx, and, where g (T×R) is given, dA = (G·sB)ᵀ x of a LoRA layer that took x (float32, R×N;
+        None without g), without writing x again. With ``silu``, ``x = silu(a) * b`` (a gated MLP's gate and
+        up outputs): ``(dx ⊙ b ⊙ silu'(a), dx ⊙ silu(a), gᵀ x)``.
+
+        For ``fused.RECOMPUTE_PRODUCT_INPUT`` and ``fused.lora_gated_linear``: the layer keeps a and b,
+        which the multiplication's backward needs anyway, instead of x, and this pass replaces that
+        backward (two passes in eager torch) and the dA GEMM's read of x. ``config`` = (BLOCK_M, BLOCK_N,
+        warps, stages, ROWS) overrides :data:`PRODUCT_BACKWARD_CONFIG`. Under ``torch.compile`` (g given,
+        the default configuration) this is the registered op; in eager a direct launch.
+        """
+        if torch.compiler.is_compiling():
+            return _product_backward_op(dx, a, b, g, silu)
+        args, constexprs, grid, options, outputs = _product_backward_args(dx, a, b, g, silu, config)
+        # every pointer argument is aligned (the caller checks dx, a, b and g; the outputs are new)
+        key = ("product", a.dtype, *args[-4:], *constexprs.values(), *options.values(), a.device.index)
+        _launch_kernel(_product_backward_kernel, key, grid, args, constexprs, **options)
+        return outputs
 
     @triton_op("lorakit::lora_grad_pass", mutates_args={})
     def _grad_pass_op(
