@@ -765,7 +765,7 @@ def lora_gated_linear(
         True,
         True,
         train_b,
-        save_merged_weight,
+        bool(save_merged_weight),
         True,
     )
     return _LoraLinearFunction.apply(None, weight, bias, lora_A, lora_B, None, flags, gate, up)

@@ -48,13 +48,9 @@ def _llama_mlp_code() -> CodeType | None:
     return LlamaMLP.forward.__code__
 
 
-def _same_code(a: CodeType, b: CodeType) -> bool:
-    return (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (
-        b.co_code,
-        b.co_names,
-        b.co_consts,
-        b.co_varnames,
-    )
+def _code_key(code: CodeType) -> tuple:
+    """What makes two functions' code the same: bytecode, the names, constants and locals it uses."""
+    return code.co_code, code.co_names, code.co_consts, code.co_varnames
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -65,17 +61,14 @@ def _is_silu(module: nn.Module) -> bool:
 def is_gated_mlp(module: nn.Module) -> bool:
     """Whether ``module`` is a gated MLP whose down projection can take its input's factors (see the
     module docstring)."""
-    reference = _llama_mlp_code()
-    forward = getattr(type(module), "forward", None)
     down = getattr(module, "down_proj", None)
+    if not (isinstance(down, LoraLinear) and not isinstance(down, LoraConv1D) and down.kernel == "fused"):
+        return False  # checked first: the reference below imports transformers' Llama module
+    reference = _llama_mlp_code()
     return (
         reference is not None
-        and forward is not None
-        and _same_code(forward.__code__, reference)
+        and _code_key(type(module).forward.__code__) == _code_key(reference)
         and _is_silu(getattr(module, "act_fn", None))
-        and isinstance(down, LoraLinear)
-        and not isinstance(down, LoraConv1D)
-        and down.kernel == "fused"
     )
 
 
