@@ -47,15 +47,26 @@ CONFIGS = [
     (32, 256, 4, 3, 1024),
 ]
 SILU_CONFIGS = [
-    triton_lora.PRODUCT_BACKWARD_SILU_CONFIG,
+    triton_lora.PRODUCT_BACKWARD_SILU_CONFIG,  # (64, 128, 8, 3, 1024)
     (128, 128, 8, 3, 1024),
-    (64, 128, 8, 3, 1024),
     (64, 128, 4, 3, 1024),
     (32, 128, 4, 3, 1024),
     (64, 64, 4, 3, 1024),
     (32, 256, 8, 3, 1024),
     (64, 128, 8, 2, 1024),
 ]
+
+
+def time_configs(configs: list, dx, a, b, g, silu: bool, check) -> dict:
+    """``{config_ms: time}`` of ``product_backward`` at each configuration, after ``check(config, outputs)``
+    (which exits on a wrong result)."""
+    row = {}
+    for config in configs:
+        check(config, triton_lora.product_backward(dx, a, b, g, config, silu))
+        row["x".join(map(str, config)) + "_ms"] = bench_ms(
+            lambda c=config: triton_lora.product_backward(dx, a, b, g, c, silu), 200
+        )
+    return row
 
 
 def silu_main(a, b, dx, g) -> dict:
@@ -75,16 +86,13 @@ def silu_main(a, b, dx, g) -> dict:
     def compiled() -> tuple:
         return *input_grads(), torch.mm(g.t(), x, out_dtype=torch.float32)
 
-    row = {"kept_ms": bench_ms(kept, 200), "compiled_ms": bench_ms(compiled, 200)}
-    for config in SILU_CONFIGS:
-        got = triton_lora.product_backward(dx, a, b, g, config, True)
+    def check(config, got) -> None:
         errors = [rel_err(t, want) for t, want in zip(got, wants, strict=True)]
         if max(errors[:2]) > 1e-2 or errors[2] > 2e-3:
             raise SystemExit(f"product_backward {config} (silu): rel. errors {errors} against float64")
-        row["x".join(map(str, config)) + "_ms"] = bench_ms(
-            lambda c=config: triton_lora.product_backward(dx, a, b, g, c, True), 200
-        )
-    return row
+
+    row = {"kept_ms": bench_ms(kept, 200), "compiled_ms": bench_ms(compiled, 200)}
+    return row | time_configs(SILU_CONFIGS, dx, a, b, g, True, check)
 
 
 def plain_main(a, b, dx, g) -> dict:
@@ -98,19 +106,17 @@ def plain_main(a, b, dx, g) -> dict:
     def from_factors() -> tuple:
         return dx * b, dx * a, torch.mm(g.t(), a * b, out_dtype=torch.float32)
 
-    row = {"kept_ms": bench_ms(kept, 200), "torch_ms": bench_ms(from_factors, 200)}
-    for config in CONFIGS:
-        d_a, d_b, d_lora = triton_lora.product_backward(dx, a, b, g, config)
+    def check(config, got) -> None:
+        d_a, d_b, d_lora = got
         if not (torch.equal(d_a, dx * b) and torch.equal(d_b, dx * a)):
             raise SystemExit(f"product_backward {config}: input gradients differ from torch's")
         if rel_err(d_lora, want) > 1e-3:
             raise SystemExit(
                 f"product_backward {config}: dA rel. err {rel_err(d_lora, want):.2e} against float64"
             )
-        row["x".join(map(str, config)) + "_ms"] = bench_ms(
-            lambda c=config: triton_lora.product_backward(dx, a, b, g, c), 200
-        )
-    return row
+
+    row = {"kept_ms": bench_ms(kept, 200), "torch_ms": bench_ms(from_factors, 200)}
+    return row | time_configs(CONFIGS, dx, a, b, g, False, check)
 
 
 def main() -> None:
