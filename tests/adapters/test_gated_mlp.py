@@ -150,6 +150,19 @@ class GraphRecorder:
         )
 
 
+@pytest.mark.parametrize("train", ["AB", "B"])  # the fused route, and the fallback to lora_linear
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"strategy": "fast"}, "strategy must be one of"),
+        ({"dropout_p": 1.5}, r"dropout_p must be in \[0, 1\)"),
+    ],
+)
+def test_bad_options_name_the_function(train, kwargs, message):
+    with pytest.raises(ValueError, match="lora_gated_linear: " + message):
+        run(lora_gated_linear, make_inputs(torch.float32), train, **kwargs)
+
+
 def test_compiles_fullgraph_and_matches_eager():
     inputs = make_inputs(torch.float32)
     eager = run(lora_gated_linear, inputs, strategy="merged")

@@ -603,6 +603,14 @@ def _gb_and_db(
     return gb, d_b
 
 
+def _check_options(caller: str, strategy: str, dropout_p: float) -> None:
+    """A ``ValueError`` naming ``caller`` for an unknown strategy or a dropout probability outside [0, 1)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{caller}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{caller}: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -643,10 +651,7 @@ def lora_linear(
     Returns:
         (..., out) tensor in ``x.dtype``.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"lora_linear: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check_options("lora_linear", strategy, dropout_p)
     in_f, out_f = _check_shapes(x, weight, bias, lora_A, lora_B, transposed_weight)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         # The fused path assumes a frozen base; a trainable base goes through plain autograd.
@@ -726,6 +731,7 @@ def lora_gated_linear(
     transformers' gated MLPs here. Elsewhere it is ``lora_linear(F.silu(gate) * up, ...)``. Arguments as
     :func:`lora_linear`'s, with gate and up of x's shape.
     """
+    _check_options("lora_gated_linear", strategy, dropout_p)
     applies = (
         torch.is_grad_enabled()
         and lora_A.requires_grad
@@ -752,8 +758,6 @@ def lora_gated_linear(
             strategy=strategy,
             save_merged_weight=save_merged_weight,
         )
-    if strategy not in STRATEGIES:
-        raise ValueError(f"lora_gated_linear: strategy must be one of {STRATEGIES}, got {strategy!r}")
     in_f, out_f = _check_shapes(gate, weight, bias, lora_A, lora_B, transposed_weight)
     picked = _pick_strategy(strategy, gate, gate.numel() // in_f, in_f, out_f, lora_A.shape[0], False)
     train_b = lora_B.requires_grad
