@@ -90,3 +90,38 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def adapted_tiny_llama(hidden_act: str = "silu") -> torch.nn.Module:
+    """A random 2-layer transformers Llama (width 32, MLP 48) with lorakit LoRA (r = 4, B random, A zero) on
+    all seven projections; skips where transformers is absent."""
+    transformers = pytest.importorskip("transformers")
+    import lorakit
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        hidden_act=hidden_act,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=LLAMA_TARGETS, init="gaussian-b"))
+    return model
+
+
+def llama_lora_grads(model: torch.nn.Module, forward=None) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients after one language-model step on fixed token ids, through
+    ``forward`` (e.g. the compiled model) if given; the model's gradients are cleared afterwards."""
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    (model if forward is None else forward)(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads

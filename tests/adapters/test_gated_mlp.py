@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import adapted_tiny_llama, llama_lora_grads
 from lorakit.adapters import fused, gated_mlp
 from lorakit.adapters.fused import lora_gated_linear, reference_lora_linear
 
@@ -176,62 +177,33 @@ def test_compiles_fullgraph_and_matches_eager():
         assert float((g - w).norm() / w.norm()) <= 1e-5, name
 
 
-def tiny_llama(hidden_act: str = "silu"):
-    transformers = pytest.importorskip("transformers")
-    import lorakit
-
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        hidden_act=hidden_act,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets, init="gaussian-b"))
-    return model
-
-
-def llama_grads(model, forward=None) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
-    (model if forward is None else forward)(input_ids=ids, labels=ids).loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
 def test_compiled_llama_takes_the_route_with_eager_gradients(monkeypatch):
     """``inject`` attaches the route to each Llama MLP; under ``torch.compile`` every down projection takes
     gate and up (and only with ``gated_mlp.UNDER_COMPILE``), and the gradients match eager's."""
-    model = tiny_llama()
+    model = adapted_tiny_llama()
     mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
     assert len(mlps) == 2 and all(gated_mlp.is_gated_mlp(m) and "forward" in vars(m) for m in mlps)
-    eager = llama_grads(model)
+    eager = llama_lora_grads(model)
     silu_calls = {}
     for under_compile in (False, True):
         monkeypatch.setattr(gated_mlp, "UNDER_COMPILE", under_compile)
         torch._dynamo.reset()
         recorder = GraphRecorder()
-        llama_grads(model, torch.compile(model, backend=recorder))
+        llama_lora_grads(model, torch.compile(model, backend=recorder))
         silu_calls[under_compile] = recorder.silu_calls()
     assert silu_calls == {False: 2, True: 0}
     torch._dynamo.reset()
-    compiled = llama_grads(model, torch.compile(model, backend="aot_eager"))
+    compiled = llama_lora_grads(model, torch.compile(model, backend="aot_eager"))
     assert len(eager) == 2 * 7 * 2
     assert_close(compiled, eager)
 
 
 def test_in_eager_when_asked(gated_passes, monkeypatch):
-    model = tiny_llama()
-    want = llama_grads(model)
+    model = adapted_tiny_llama()
+    want = llama_lora_grads(model)
     assert not gated_passes  # eager keeps its own route by default (fused.RECOMPUTE_PRODUCT_INPUT)
     monkeypatch.setattr(gated_mlp, "IN_EAGER", True)
-    got = llama_grads(model)
+    got = llama_lora_grads(model)
     assert len(gated_passes) == 2
     assert_close(got, want)
 
@@ -239,9 +211,9 @@ def test_in_eager_when_asked(gated_passes, monkeypatch):
 def test_other_mlps_keep_their_forward():
     import lorakit
 
-    gelu = tiny_llama("gelu")
+    gelu = adapted_tiny_llama("gelu")
     assert not any("forward" in vars(m) for m in gelu.modules())
-    model = tiny_llama()
+    model = adapted_tiny_llama()
     lorakit.unload(model)
     assert not any("forward" in vars(m) for m in model.modules())
     mlp = next(m for m in model.modules() if type(m).__name__ == "LlamaMLP")
@@ -249,9 +221,9 @@ def test_other_mlps_keep_their_forward():
 
 
 def test_an_attached_model_copies_and_pickles():
-    model = tiny_llama()
-    want = llama_grads(model)
+    model = adapted_tiny_llama()
+    want = llama_lora_grads(model)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         mlp = next(m for m in clone.modules() if type(m).__name__ == "LlamaMLP")
         assert vars(mlp)["forward"].args[0] is mlp  # bound to the copy, not to the original
-        assert_close(llama_grads(clone), want)  # the copies group q/k/v from their first step on
+        assert_close(llama_lora_grads(clone), want)  # the copies group q/k/v from their first step on

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import adapted_tiny_llama, llama_lora_grads
 from lorakit.adapters import fused
 from lorakit.adapters.fused import lora_linear, reference_lora_linear
 
@@ -149,29 +150,12 @@ def test_the_plain_product_takes_the_path(product_passes):
 def test_llama_down_projection_keeps_no_input(product_passes, monkeypatch):
     """Through ``lorakit.inject`` on a transformers Llama: each decoder layer's down_proj takes the path,
     and every gradient equals the run that keeps the input."""
-    transformers = pytest.importorskip("transformers")
-    import lorakit
-
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     grads = {}
     for recompute in (False, True):
         monkeypatch.setattr(fused, "RECOMPUTE_PRODUCT_INPUT", recompute)
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets, init="gaussian-b"))
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert len(product_passes) == config.num_hidden_layers
+        model = adapted_tiny_llama()
+        grads[recompute] = llama_lora_grads(model)
+    assert len(product_passes) == model.config.num_hidden_layers
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 2 * 7 * 2
     for name, g in grads[True].items():
         assert torch.equal(g, grads[False][name]), name
