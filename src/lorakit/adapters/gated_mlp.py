@@ -75,7 +75,8 @@ def is_gated_mlp(module: nn.Module) -> bool:
 def _gated_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``, the down projection given gate and up where
     :data:`UNDER_COMPILE` / :data:`IN_EAGER` say so."""
-    if UNDER_COMPILE if torch.compiler.is_compiling() else IN_EAGER:
+    routed = UNDER_COMPILE if torch.compiler.is_compiling() else IN_EAGER
+    if routed:
         return mlp.down_proj.forward_gated(mlp.gate_proj(x), mlp.up_proj(x))
     return type(mlp).forward(mlp, x)
 
