@@ -24,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -146,11 +146,41 @@ CHECK_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 # (foreach: several launches per group of tensors). Its ratios are taken against the PEFT runs with the same
 # suffix; no-adapter has no optimizer either way.
 FUSED_OPTIMIZER = "-fusedopt"
+# Any variant + one of these suffixes (before -fusedopt) runs on a model given liger-kernel's kernels first
+# (lorakit.train.liger.apply_liger_kernels with these options): +liger all of them (RMSNorm, RoPE, SwiGLU,
+# fused linear cross-entropy), +ligerce the fused linear cross-entropy alone. Whole-model kernels, reported
+# apart from LoRA's own numbers; ratios are taken against no-adapter and PEFT with the same suffix.
+LIGER = {"+liger": {}, "+ligerce": {"rope": False, "rms_norm": False, "swiglu": False}}
+
+
+def liger_suffix(variant: str) -> str:
+    """The variant's liger suffix (a key of :data:`LIGER`), or ""."""
+    return next((k for k in LIGER if variant.removesuffix(FUSED_OPTIMIZER).endswith(k)), "")
 
 
 def base_variant(variant: str) -> tuple[str, bool]:
-    """(the variant without the optimizer suffix, whether it steps AdamW(fused=True))."""
-    return variant.removesuffix(FUSED_OPTIMIZER), variant.endswith(FUSED_OPTIMIZER)
+    """(the variant without its suffixes, whether it steps AdamW(fused=True))."""
+    plain = variant.removesuffix(FUSED_OPTIMIZER)
+    return plain.removesuffix(liger_suffix(variant)), variant.endswith(FUSED_OPTIMIZER)
+
+
+@contextlib.contextmanager
+def liger_scope(liger: bool) -> Iterator[None]:
+    """With ``liger`` (a ``+liger`` variant), undo on exit what liger patches in transformers' Llama module
+    (its RoPE function and the RMSNorm and MLP classes), so that the variants after it run transformers' own
+    code."""
+    if not liger:
+        yield
+        return
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if getattr(modeling_llama, name, None) is not value:
+                setattr(modeling_llama, name, value)
 
 
 def set_library_flags(variant: str) -> tuple[str, bool]:
@@ -433,13 +463,25 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
     return {"ok": ok, "cases": results}
 
 
-def compile_check(device: str, save_merged_weight: bool = False, folded: bool = False) -> dict:
+def compile_check(
+    device: str, save_merged_weight: bool = False, folded: bool = False, liger: bool = False
+) -> dict:
     """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager
-    (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``)."""
+    (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``; with ``liger``, both run liger's
+    kernels, and the compile may break the graph at them)."""
+    with liger_scope(liger):
+        return _compile_check(device, save_merged_weight, folded, liger)
+
+
+def _compile_check(device: str, save_merged_weight: bool, folded: bool, liger: bool) -> dict:
     import lorakit
 
     spec = Spec(layers=1, hidden=1024, intermediate=4096, heads=16, kv_heads=4, batch=2, seq=512)
     model = build_model(spec, device)
+    if liger:
+        from lorakit.train.liger import apply_liger_kernels
+
+        apply_liger_kernels(model)
     model.requires_grad_(False)
     config = lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS, save_merged_weight=save_merged_weight)
     lorakit.inject(model, config)
@@ -462,11 +504,11 @@ def compile_check(device: str, save_merged_weight: bool = False, folded: bool = 
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         return [out.detach(), x.grad.clone()] + [g.clone() for g in grads]
 
-    settings = {"save_merged_weight": save_merged_weight, "folded": folded}
+    settings = {"save_merged_weight": save_merged_weight, "folded": folded, "liger": liger}
     fused.FOLDED_GEMM = folded
     try:
         eager = run(block)
-        compiled = run(torch.compile(block, fullgraph=True))
+        compiled = run(torch.compile(block, fullgraph=not liger))
         errs = [_rel(c, e) for c, e in zip(compiled, eager, strict=True)]
         return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs), **settings}
     except Exception as error:  # report, don't crash the benchmark
@@ -576,11 +618,17 @@ def prepare_variant(
     compiled: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.nn.Module, torch.Tensor, Callable[[], float], object]:
-    """``(model, ids, step, optimizer)`` for ``variant`` (optionally ending in ``-fusedopt``): lorakit's
-    switches set for it (:func:`set_library_flags`), the model built and adapted, random token ids, and
+    """``(model, ids, step, optimizer)`` for ``variant`` (optionally ending in ``+liger`` and then
+    ``-fusedopt``): lorakit's switches set for it (:func:`set_library_flags`), the model built (given
+    liger's kernels for ``+liger``; run it inside :func:`liger_scope`) and adapted, random token ids, and
     :func:`make_step`'s training step (optimizer None without trainable parameters)."""
     base, fused_optimizer = set_library_flags(variant)
-    model = apply_variant(build_model(spec, device), base, spec)
+    model = build_model(spec, device)
+    if liger_suffix(variant):
+        from lorakit.train.liger import apply_liger_kernels
+
+        apply_liger_kernels(model, **LIGER[liger_suffix(variant)])
+    model = apply_variant(model, base, spec)
     ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device, generator=generator)
     step, opt = make_step(model, ids, compiled, fused_optimizer)
     return model, ids, step, opt
@@ -628,6 +676,20 @@ def measure(
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
+    with liger_scope(bool(liger_suffix(variant))):
+        return _measure(spec, variant, compiled, device, warmup, steps, repeats, profile_to)
+
+
+def _measure(
+    spec: Spec,
+    variant: str,
+    compiled: bool,
+    device: str,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    profile_to: Path | None,
+) -> dict:
     model, _, step, opt = prepare_variant(
         variant, spec, device, compiled, torch.Generator(device=device).manual_seed(7)
     )
@@ -729,17 +791,18 @@ def add_ratios(runs: list[dict]) -> None:
 
     for run in runs:
         variant, fused_optimizer = base_variant(run["variant"])
-        suffix = FUSED_OPTIMIZER if fused_optimizer else ""  # PEFT with the same optimizer
+        liger = liger_suffix(run["variant"])  # baselines with the same whole-model kernels
+        suffix = liger + (FUSED_OPTIMIZER if fused_optimizer else "")  # and PEFT with the same optimizer
         for key, other in (
             ("vs_peft_bf16", "peft-bf16" + suffix),
-            ("vs_no_adapter", "no-adapter"),
+            ("vs_no_adapter", "no-adapter" + liger),
             ("vs_peft_default", "peft-default" + suffix),
         ):
             ref = find(other, run["mode"], run["spec"], run.get("sweep"))
             run[key] = run["tok_per_s"] / ref["tok_per_s"] if ref else None
         peer = find(PEER.get(variant, "") + suffix, run["mode"], run["spec"], run.get("sweep"))
         run["peak_vs_peer"] = run["peak_gib"] / peer["peak_gib"] if peer else None
-        if variant in TARGET_VS_NONE and run["vs_no_adapter"] is not None:
+        if variant in TARGET_VS_NONE and run["vs_no_adapter"] is not None and not liger:
             run["target_vs_no_adapter"] = TARGET_VS_NONE[variant]
             run["meets_target"] = run["vs_no_adapter"] >= TARGET_VS_NONE[variant]
 
@@ -813,6 +876,10 @@ def environment(device: str) -> dict:
         import triton
 
         env["triton"] = triton.__version__
+    with contextlib.suppress(ImportError):
+        from importlib.metadata import version
+
+        env["liger_kernel"] = version("liger-kernel")
     return env
 
 
@@ -843,7 +910,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help=f"comma list of {VARIANTS + EXTRA_VARIANTS}, each optionally ending in {FUSED_OPTIMIZER}",
+        help=f"comma list of {VARIANTS + EXTRA_VARIANTS}, each optionally ending in "
+        f"{' or '.join(LIGER)} (liger-kernel's whole-model kernels) and then {FUSED_OPTIMIZER}",
     )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each timed run")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median)")
@@ -870,7 +938,9 @@ def render(report: dict) -> str:
     text = [
         f"\n## {settings['title'] or 'Throughput run'} ({env['date']})\n",
         f"GPU: {env['gpu']}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
-        f"peft {env['peft']}, triton {env.get('triton', '–')}.\n",
+        f"peft {env['peft']}, triton {env.get('triton', '–')}"
+        + (f", liger-kernel {env['liger_kernel']}" if "liger_kernel" in env else "")
+        + ".\n",
         f"Command: `{env['command']}`\n",
         f"Model: random-init Llama {json.dumps(settings['spec'])}, bf16, AdamW, "
         f"LoRA on {', '.join(TARGETS)}. tok/s = batch·seq / median step time over "
@@ -958,15 +1028,15 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in variants if lorakit_ok or not v.startswith("lorakit")]
     compiled_ok = True  # the compiled path has its own kernel (the one-pass G/dB), checked here when asked
     if args.compile_check and lorakit_ok:
-        # one check per setting of save_merged_weight and of the folded GEMM among the lorakit variants
+        # one check per setting of save_merged_weight, the folded GEMM and liger among the lorakit variants
         settings = sorted(
             {
-                ("-savemerged" in v, base_variant(v)[0].endswith("-folded"))
+                ("-savemerged" in v, base_variant(v)[0].endswith("-folded"), liger_suffix(v) == "+liger")
                 for v in variants
                 if v.startswith("lorakit")
             }
         )
-        report["compile_check"] = [compile_check(device, *s) for s in settings or [(False, False)]]
+        report["compile_check"] = [compile_check(device, *s) for s in settings or [(False, False, False)]]
         LOG.info("compile check: %s", report["compile_check"])
         compiled_ok = all(check["ok"] for check in report["compile_check"])
         if not compiled_ok:

@@ -95,24 +95,29 @@ def _one_torch_thread():
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def adapted_tiny_llama(hidden_act: str = "silu") -> torch.nn.Module:
-    """A random 2-layer transformers Llama (width 32, MLP 48) with lorakit LoRA (r = 4, B random, A zero) on
-    all seven projections; skips where transformers is absent."""
+def tiny_llama(hidden_act: str = "silu", layers: int = 2) -> torch.nn.Module:
+    """A random transformers ``LlamaForCausalLM`` (2 layers by default, width 32, MLP 48, vocabulary 64);
+    skips where transformers is absent."""
     transformers = pytest.importorskip("transformers")
-    import lorakit
-
     config = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
         hidden_act=hidden_act,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(config)
+
+
+def adapted_tiny_llama(hidden_act: str = "silu") -> torch.nn.Module:
+    """:func:`tiny_llama` with lorakit LoRA (r = 4, B random, A zero) on all seven projections."""
+    import lorakit
+
+    model = tiny_llama(hidden_act)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=LLAMA_TARGETS, init="gaussian-b"))
     return model
 

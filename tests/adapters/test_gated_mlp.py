@@ -14,11 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import adapted_tiny_llama, llama_lora_grads
+import lorakit
+from conftest import LLAMA_TARGETS, adapted_tiny_llama, llama_lora_grads, tiny_llama
 from lorakit.adapters import fused, gated_mlp
 from lorakit.adapters.fused import lora_gated_linear, reference_lora_linear
 
 T, INNER, OUT, R = 40, 24, 12, 4
+
+
+def routed(module: torch.nn.Module) -> bool:
+    """Whether ``gated_mlp.attach`` routed ``module`` (its class is the routed subclass)."""
+    return type(module) in gated_mlp._ORIGINAL
 
 
 @pytest.fixture
@@ -182,7 +188,7 @@ def test_compiled_llama_takes_the_route_with_eager_gradients(monkeypatch):
     gate and up (and only with ``gated_mlp.UNDER_COMPILE``), and the gradients match eager's."""
     model = adapted_tiny_llama()
     mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
-    assert len(mlps) == 2 and all(gated_mlp.is_gated_mlp(m) and "forward" in vars(m) for m in mlps)
+    assert len(mlps) == 2 and all(gated_mlp.is_gated_mlp(m) and routed(m) for m in mlps)
     eager = llama_lora_grads(model)
     silu_calls = {}
     for under_compile in (False, True):
@@ -209,14 +215,15 @@ def test_in_eager_when_asked(gated_passes, monkeypatch):
 
 
 def test_other_mlps_keep_their_forward():
-    import lorakit
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
     gelu = adapted_tiny_llama("gelu")
-    assert not any("forward" in vars(m) for m in gelu.modules())
+    assert not any(routed(m) for m in gelu.modules())
     model = adapted_tiny_llama()
     lorakit.unload(model)
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any(routed(m) or "forward" in vars(m) for m in model.modules())
     mlp = next(m for m in model.modules() if type(m).__name__ == "LlamaMLP")
+    assert type(mlp) is LlamaMLP
     assert not gated_mlp.is_gated_mlp(mlp)  # its down projection has no adapter any more
 
 
@@ -224,6 +231,32 @@ def test_an_attached_model_copies_and_pickles():
     model = adapted_tiny_llama()
     want = llama_lora_grads(model)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        mlp = next(m for m in clone.modules() if type(m).__name__ == "LlamaMLP")
-        assert vars(mlp)["forward"].args[0] is mlp  # bound to the copy, not to the original
+        mlps = [m for m in clone.modules() if type(m).__name__ == "LlamaMLP"]
+        assert len(mlps) == 2 and all(routed(m) for m in mlps)
         assert_close(llama_lora_grads(clone), want)  # the copies group q/k/v from their first step on
+
+
+def test_layers_compiled_one_by_one_compile_the_mlp_once():
+    """The route is a class, so a graph entered at every layer (each decoder layer compiled on its own,
+    as FSDP2 recipes do) is compiled once, not once per layer up to torch's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for layers in (2, 10):
+        model = tiny_llama(layers=layers)
+        model.config.use_cache = False  # a KV cache's per-layer state would recompile on its own
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            layer.compile(backend="eager")
+        counters.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+        plain = counters["stats"]["unique_graphs"]
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=LLAMA_TARGETS, init="gaussian-b"))
+        assert all(routed(layer.mlp) for layer in model.model.layers)
+        counters.clear()
+        torch._dynamo.reset()
+        llama_lora_grads(model)
+        graphs[layers] = (plain, counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[10], graphs
