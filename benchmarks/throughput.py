@@ -166,9 +166,9 @@ def base_variant(variant: str) -> tuple[str, bool]:
 
 @contextlib.contextmanager
 def liger_scope(liger: bool) -> Iterator[None]:
-    """With ``liger`` (a ``+liger`` variant), undo on exit what liger patches in transformers' Llama module
-    (its RoPE function and the RMSNorm and MLP classes), so that the variants after it run transformers' own
-    code."""
+    """With ``liger`` (a variant with a liger suffix), undo on exit what liger patches in transformers'
+    Llama module (its RoPE function and the RMSNorm and MLP classes), so that the variants after it run
+    transformers' own code."""
     if not liger:
         yield
         return
@@ -618,9 +618,9 @@ def prepare_variant(
     compiled: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.nn.Module, torch.Tensor, Callable[[], float], object]:
-    """``(model, ids, step, optimizer)`` for ``variant`` (optionally ending in ``+liger`` and then
-    ``-fusedopt``): lorakit's switches set for it (:func:`set_library_flags`), the model built (given
-    liger's kernels for ``+liger``; run it inside :func:`liger_scope`) and adapted, random token ids, and
+    """``(model, ids, step, optimizer)`` for ``variant`` (optionally ending in a key of :data:`LIGER` and
+    then ``-fusedopt``): lorakit's switches set for it (:func:`set_library_flags`), the model built (given
+    liger's kernels for a liger suffix; run it inside :func:`liger_scope`) and adapted, random token ids, and
     :func:`make_step`'s training step (optimizer None without trainable parameters)."""
     base, fused_optimizer = set_library_flags(variant)
     model = build_model(spec, device)

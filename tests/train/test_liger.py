@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lorakit
 from conftest import LLAMA_TARGETS, adapted_tiny_llama, llama_lora_grads, tiny_llama
 from lorakit.adapters import gated_mlp
+from lorakit.train.liger import apply_liger_kernels
 
 pytest.importorskip("transformers")
 swiglu = pytest.importorskip("liger_kernel.transformers.swiglu", reason="liger-kernel is not installed")
-lorakit = pytest.importorskip("lorakit")
-from lorakit.train.liger import apply_liger_kernels  # noqa: E402
 
 # Only the SwiGLU MLP runs on a CPU (through lorakit's route or the stand-in dispatch below).
 CPU_SAFE = {"rope": False, "rms_norm": False, "fused_linear_cross_entropy": False}

@@ -9,10 +9,9 @@ In eager, :data:`fused.RECOMPUTE_PRODUCT_INPUT` finds the product by reading the
 model. Under ``torch.compile`` there is no autograd graph to read while tracing, so :func:`attach` (run by
 ``inject``) makes each recognised gated MLP an instance of a subclass of its class whose forward passes gate
 and up to the down projection explicitly, under ``torch.compile`` only (:data:`UNDER_COMPILE`; in eager
-with :data:`IN_EAGER`). The
-compiled partitioner then has nothing that needs x after forward: on an H100, a 16-layer Llama's compiled
-step peaked at 11.77 against 13.77 GiB, at the same speed (benchmarks/RESULTS.md, "Gated MLPs under
-torch.compile").
+with :data:`IN_EAGER`). The compiled partitioner then has nothing that needs x after forward: on an H100, a
+16-layer Llama's compiled step peaked at 11.77 against 13.77 GiB, at the same speed (benchmarks/RESULTS.md,
+"Gated MLPs under torch.compile").
 
 A module is recognised when its ``down_proj`` is a lorakit :class:`LoraLinear` with the fused kernel and
 the forward it runs (its own, where one is bound to the instance, else its class's) is either, bytecode
@@ -96,7 +95,8 @@ def _own_forward(module: nn.Module) -> Callable | None:
 
 
 def _kind(module: nn.Module) -> str | None:
-    """ "liger" or "llama" for a recognised gated MLP (see the module docstring), else None."""
+    """Which recognised gated MLP ``module`` is, "liger" or "llama" (see the module docstring); None if
+    none."""
     down = getattr(module, "down_proj", None)
     if not (isinstance(down, LoraLinear) and not isinstance(down, LoraConv1D) and down.kernel == "fused"):
         return None  # checked first: the references below import transformers' and liger's modules
