@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import lorakit
 from conftest import save_tiny_bert
 from lorakit.train import FinetuneConfig, MethodSpec, TrainingDivergedError, compare, evaluate_run, finetune
 from lorakit.train.run import RunFolder
@@ -231,3 +232,47 @@ def test_compare_cli_with_curves(tiny_model, sentiment_files, tmp_path, capsys):
     report = json.loads((out / "curves" / "curves.json").read_text())
     assert report and (out / "curves" / "curves.png").stat().st_size > 1000
     assert "lora" in capsys.readouterr().out
+
+
+def test_liger_kernel_option_refuses_without_cuda_and_keeps_the_earlier_run(
+    tiny_model, sentiment_files, tmp_path, monkeypatch, capsys
+):
+    """--liger-kernel where no CUDA GPU is visible: an error naming the option, raised before the run folder
+    is touched (through the API and the command line)."""
+    import lorakit.cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's file, which a fresh run would remove
+    config = _config(tiny_model, sentiment_files, out, max_steps=1, liger_kernel=True)
+    with pytest.raises(ValueError, match=r"FinetuneConfig\.liger_kernel \(--liger-kernel\): .*(CUDA|liger)"):
+        finetune(config)
+    argv = [
+        "finetune",
+        "--model",
+        tiny_model,
+        "--data",
+        str(sentiment_files / "train.tsv"),
+        "--out",
+        str(out),
+    ]
+    assert lorakit.cli.main([*argv, "--liger-kernel"]) == 2
+    assert "--liger-kernel" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == "{}"
+
+
+def test_liger_kernel_option_applies_liger_before_the_adapters(
+    tiny_model, sentiment_files, tmp_path, monkeypatch
+):
+    from lorakit.train import liger
+
+    seen = []
+    monkeypatch.setattr(liger, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(
+        liger, "apply_liger_kernels", lambda model: seen.append(len(list(lorakit.lora_layers(model))))
+    )
+    finetune(_config(tiny_model, sentiment_files, tmp_path / "run", max_steps=1, liger_kernel=True))
+    assert seen == [0]  # called once, on the model as loaded
+    finetune(_config(tiny_model, sentiment_files, tmp_path / "plain", max_steps=1))
+    assert seen == [0]

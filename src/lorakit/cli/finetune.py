@@ -63,6 +63,7 @@ FINETUNE_OPTIONS = {
             "seed",
             "diagnostics_every",
             "diagnostics_curvature",
+            "liger_kernel",
         )
     },
     "no_progress": "progress",
@@ -217,6 +218,12 @@ def _add_train_args(parser: argparse.ArgumentParser, epochs: float = 1.0) -> Non
         help="auto: bf16 autocast on a GPU that supports it, else fp32",
     )
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    group.add_argument(
+        "--liger-kernel",
+        action="store_true",
+        help="give the model liger-kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy (CUDA; "
+        "Llama, Mistral, Qwen, Gemma, Phi-3 and other types liger covers; pip install 'lorakit[liger]')",
+    )
 
 
 def _method_spec(args: argparse.Namespace, method: str) -> Any:
@@ -264,6 +271,7 @@ def _base_config(args: argparse.Namespace, method: str, **extra: Any) -> Any:
         save_every=args.save_every,
         precision=args.precision,
         progress=not args.no_progress,
+        liger_kernel=args.liger_kernel,
     )
     fields.update(extra)
     return FinetuneConfig(**fields)

@@ -26,6 +26,7 @@ import inspect
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorakit.adapters import gated_mlp
@@ -43,6 +44,17 @@ def _liger_functions() -> dict[str, Any]:
     except ImportError as error:
         raise ImportError(f"apply_liger_kernels needs liger-kernel ({error}): {INSTALL_HINT}") from error
     return MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def unavailable_reason() -> str | None:
+    """Why liger's kernels cannot run in this process (liger-kernel missing, no CUDA GPU), or None."""
+    try:
+        _liger_functions()
+    except ImportError as error:
+        return str(error)
+    if not torch.cuda.is_available():
+        return "liger-kernel's kernels run on CUDA GPUs only, and none is visible"
+    return None
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

@@ -141,6 +141,7 @@ class FinetuneConfig:
     progress: bool = True
     diagnostics_every: int | None = None
     diagnostics_curvature: bool = False
+    liger_kernel: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):
@@ -526,6 +527,12 @@ def finetune(
         reset_peak_memory,
     )
 
+    if config.liger_kernel:  # checked before the run folder is touched
+        from lorakit.train.liger import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise ValueError(f"FinetuneConfig.liger_kernel (--liger-kernel): {reason}")
     wall_start = time.perf_counter()
     reset_peak_memory()  # compare and sweep run many fine-tunes in one process
     # On resume, check the saved config before anything else (and before loading data the user may have
@@ -557,6 +564,10 @@ def finetune(
     model_name = local_path(config.model) or default_model_path()  # absolute if local: config.json, adapter
     seed_everything(config.seed)
     model, tokenizer = build_model(model_name, task)
+    if config.liger_kernel:
+        from lorakit.train.liger import apply_liger_kernels
+
+        apply_liger_kernels(model)
     apply_method(model, config.method, task.task_type, seed=config.seed)
     if checkpoint is not None:
         load_weights(model, checkpoint)
