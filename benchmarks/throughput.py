@@ -470,51 +470,47 @@ def compile_check(
     (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``; with ``liger``, both run liger's
     kernels, and the compile may break the graph at them)."""
     with liger_scope(liger):
-        return _compile_check(device, save_merged_weight, folded, liger)
+        import lorakit
 
+        spec = Spec(layers=1, hidden=1024, intermediate=4096, heads=16, kv_heads=4, batch=2, seq=512)
+        model = build_model(spec, device)
+        if liger:
+            from lorakit.train.liger import apply_liger_kernels
 
-def _compile_check(device: str, save_merged_weight: bool, folded: bool, liger: bool) -> dict:
-    import lorakit
+            apply_liger_kernels(model)
+        model.requires_grad_(False)
+        config = lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS, save_merged_weight=save_merged_weight)
+        lorakit.inject(model, config)
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(model):
+                layer.lora_B.normal_(0, 1e-2)
+        block = model.model.layers[0]
+        x = torch.randn(
+            spec.batch, spec.seq, spec.hidden, device=device, dtype=torch.bfloat16, requires_grad=True
+        )
+        pos = torch.arange(spec.seq, device=device)[None].expand(spec.batch, -1)
+        rope = model.model.rotary_emb(x, pos)
 
-    spec = Spec(layers=1, hidden=1024, intermediate=4096, heads=16, kv_heads=4, batch=2, seq=512)
-    model = build_model(spec, device)
-    if liger:
-        from lorakit.train.liger import apply_liger_kernels
+        def run(fn: Callable) -> list[torch.Tensor]:
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+            out = fn(x, position_embeddings=rope)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().square().mean().backward()
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            return [out.detach(), x.grad.clone()] + [g.clone() for g in grads]
 
-        apply_liger_kernels(model)
-    model.requires_grad_(False)
-    config = lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS, save_merged_weight=save_merged_weight)
-    lorakit.inject(model, config)
-    with torch.no_grad():
-        for _, layer in lorakit.lora_layers(model):
-            layer.lora_B.normal_(0, 1e-2)
-    block = model.model.layers[0]
-    x = torch.randn(
-        spec.batch, spec.seq, spec.hidden, device=device, dtype=torch.bfloat16, requires_grad=True
-    )
-    pos = torch.arange(spec.seq, device=device)[None].expand(spec.batch, -1)
-    rope = model.model.rotary_emb(x, pos)
-
-    def run(fn: Callable) -> list[torch.Tensor]:
-        x.grad = None
-        model.zero_grad(set_to_none=True)
-        out = fn(x, position_embeddings=rope)
-        out = out[0] if isinstance(out, tuple) else out
-        out.float().square().mean().backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        return [out.detach(), x.grad.clone()] + [g.clone() for g in grads]
-
-    settings = {"save_merged_weight": save_merged_weight, "folded": folded, "liger": liger}
-    fused.FOLDED_GEMM = folded
-    try:
-        eager = run(block)
-        compiled = run(torch.compile(block, fullgraph=not liger))
-        errs = [_rel(c, e) for c, e in zip(compiled, eager, strict=True)]
-        return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs), **settings}
-    except Exception as error:  # report, don't crash the benchmark
-        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500], **settings}
-    finally:
-        fused.FOLDED_GEMM = False
+        settings = {"save_merged_weight": save_merged_weight, "folded": folded, "liger": liger}
+        fused.FOLDED_GEMM = folded
+        try:
+            eager = run(block)
+            compiled = run(torch.compile(block, fullgraph=not liger))
+            errs = [_rel(c, e) for c, e in zip(compiled, eager, strict=True)]
+            return {"ok": max(errs) <= 1e-2, "worst_rel_err": max(errs), **settings}
+        except Exception as error:  # report, don't crash the benchmark
+            return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500], **settings}
+        finally:
+            fused.FOLDED_GEMM = False
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -676,54 +672,41 @@ def measure(
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
-    with liger_scope(bool(liger_suffix(variant))):
-        return _measure(spec, variant, compiled, device, warmup, steps, repeats, profile_to)
-
-
-def _measure(
-    spec: Spec,
-    variant: str,
-    compiled: bool,
-    device: str,
-    warmup: int,
-    steps: int,
-    repeats: int,
-    profile_to: Path | None,
-) -> dict:
-    model, _, step, opt = prepare_variant(
-        variant, spec, device, compiled, torch.Generator(device=device).manual_seed(7)
-    )
-    info = describe_dtypes(model)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    loss0 = float(step())
-    torch.cuda.synchronize()
-    first_step_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        step()
-    runs = [timed(step, steps) for _ in range(repeats)]
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    if profile_to is not None:
-        profile_steps(step, profile_to, f"{variant} {'compiled' if compiled else 'eager'}")
-    tokens = spec.batch * spec.seq
-    all_times = [t for run in runs for t in run]
-    med = statistics.median(all_times)
-    result = {
-        "variant": variant,
-        "mode": "compile" if compiled else "eager",
-        "spec": asdict(spec),
-        "tok_per_s": tokens / med,
-        "step_ms": med * 1e3,
-        "runs_tok_per_s": [tokens / statistics.median(run) for run in runs],
-        "peak_gib": peak,
-        "first_step_s": first_step_s,
-        "first_loss": loss0,
-        "steps_per_run": steps,
-        **info,
-    }
-    del step, opt, model
-    return result
+    with liger_scope(bool(liger_suffix(variant))):  # the run uses what liger patches
+        model, _, step, opt = prepare_variant(
+            variant, spec, device, compiled, torch.Generator(device=device).manual_seed(7)
+        )
+        info = describe_dtypes(model)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        loss0 = float(step())
+        torch.cuda.synchronize()
+        first_step_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            step()
+        runs = [timed(step, steps) for _ in range(repeats)]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if profile_to is not None:
+            profile_steps(step, profile_to, f"{variant} {'compiled' if compiled else 'eager'}")
+        tokens = spec.batch * spec.seq
+        all_times = [t for run in runs for t in run]
+        med = statistics.median(all_times)
+        result = {
+            "variant": variant,
+            "mode": "compile" if compiled else "eager",
+            "spec": asdict(spec),
+            "tok_per_s": tokens / med,
+            "step_ms": med * 1e3,
+            "runs_tok_per_s": [tokens / statistics.median(run) for run in runs],
+            "peak_gib": peak,
+            "first_step_s": first_step_s,
+            "first_loss": loss0,
+            "steps_per_run": steps,
+            **info,
+        }
+        del step, opt, model
+        return result
 
 
 def profile_steps(step: Callable, path: Path, title: str) -> None:
