@@ -39,6 +39,7 @@ from lorakit.utils import atomic_write, atomic_write_json
 LOG = logging.getLogger("throughput")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["no-adapter", "peft-default", "peft-bf16", "peft-bf16-frozenA", "lorakit", "lorakit-frozenA"]
+SWEEP_RANKS = (8, 16, 32, 64, 128)  # --sweep rank
 # Diagnostics: lorakit layers with kernel="reference"; the fused path with torch ops instead of Triton; the
 # fused path with the Triton merge kernel only (G and dB by two cuBLAS GEMMs). Opt-in speed for memory:
 # lorakit and lorakit frozen-A with LoraConfig(save_merged_weight=True). G and dB by two cuBLAS GEMMs per
@@ -262,11 +263,19 @@ def _worse_of(
     return errs, all(passed for _, passed in checked)
 
 
-def check_fused(device: str, tokens: int = 4096) -> dict:
-    """Fused path (bf16 and fp32 on ``device``) vs the reference in float64, fresh random inputs per case.
-    Each case runs twice (:func:`_both_launches`); the worse run counts."""
+FUSED_CHECK_SHAPES = {False: (1024, 3072), True: (2048, 768)}  # (in, out) of the Linear and Conv1D cases
+
+
+def check_fused(device: str, tokens: int = 4096, rank: int = 16) -> dict:
+    """Fused path (bf16 and fp32 on ``device``) vs the reference in float64, fresh random inputs per case, at
+    LoRA rank ``rank``. Each case runs twice (:func:`_both_launches`); the worse run counts."""
     results, ok = [], True
-    folded_runs = triton_gemm.AVAILABLE and triton_gemm.supports_device(torch.device(device))  # Hopper
+    folded_runs = (
+        triton_gemm.AVAILABLE
+        and triton_gemm.supports_device(torch.device(device))  # Hopper
+        # the folded GEMM's limits on the rank (forward: K = in, N = out; backward: the other way round)
+        and all(triton_gemm.supports(torch.bfloat16, k, n, rank) for k, n in FUSED_CHECK_SHAPES.values())
+    )
     cases = [
         (dtype, train, transposed, strategy, p)
         for dtype in (torch.bfloat16, torch.float32)
@@ -287,7 +296,7 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
     ]
     gen = torch.Generator(device=device).manual_seed(1234)
     for dtype, train, transposed, strategy, p in cases:
-        in_f, out_f, r = (1024, 3072, 16) if not transposed else (2048, 768, 8)
+        (in_f, out_f), r = FUSED_CHECK_SHAPES[transposed], rank
         x = torch.randn(tokens // 2, 2, in_f, device=device, generator=gen).to(dtype)
         w_shape = (in_f, out_f) if transposed else (out_f, in_f)
         w = (torch.randn(w_shape, device=device, generator=gen) / in_f**0.5).to(dtype)
@@ -348,15 +357,16 @@ def check_fused(device: str, tokens: int = 4096) -> dict:
     return {"ok": ok, "cases": results}
 
 
-def check_product(device: str, tokens: int = 4096) -> dict:
+def check_product(device: str, tokens: int = 4096, rank: int = 16) -> dict:
     """A layer whose input is the product of two tensors that require grad (``down_proj(act(gate) * up)``,
     ``fused.RECOMPUTE_PRODUCT_INPUT``), and ``fused.lora_gated_linear`` given gate and up of
     ``silu(gate) * up``: outputs and the gradients of both factors, A and B against float64, bf16 and fp32,
-    merged and addmm. Each case runs twice (:func:`_both_launches`); the worse run counts. A bf16 case whose
-    backward did not go through ``triton_lora.product_backward`` fails."""
+    merged and addmm, at LoRA rank ``rank``. Each case runs twice (:func:`_both_launches`); the worse run
+    counts. A bf16 case whose backward did not go through ``triton_lora.product_backward`` (where the
+    kernel takes the rank) fails."""
     results, ok = [], True
     gen = torch.Generator(device=device).manual_seed(2468)
-    in_f, out_f, r = 4096, 1024, 16
+    in_f, out_f, r = 4096, 1024, rank
     launches = []
     if triton_lora.AVAILABLE:
         real = triton_lora.product_backward
@@ -388,7 +398,9 @@ def check_product(device: str, tokens: int = 4096) -> dict:
             runs = _both_launches(partial(run, layer, dtype, strategy=strategy))
             want = run(reference_lora_linear, torch.float64)
             errs, passed = _worse_of(("y", "d_left", "d_right", "dA", "dB"), runs, want, dtype)
-            on_gpu_kernel = dtype != torch.float32 and fused._use_triton("grad", left)
+            on_gpu_kernel = (
+                dtype != torch.float32 and fused._use_triton("grad", left) and triton_lora.supports_rank(r)
+            )
             kernel_ran = len(launches) == 2 or not on_gpu_kernel
             ok &= passed and kernel_ran
             results.append(
@@ -422,14 +434,15 @@ def _grouped_run(case: dict, cast: torch.dtype, train: str, group: bool) -> list
     return [*ys, x.grad, *(t.grad for t in factors_a + factors_b)]
 
 
-def check_grouped(device: str, tokens: int = 4096) -> dict:
+def check_grouped(device: str, tokens: int = 4096, rank: int = 16) -> dict:
     """Sibling groups (``grouped.lora_linear_group``, bf16 and fp32, with and without the one-pass G/dB
     kernel) vs the reference in float64 per sibling: three siblings of one input, with biases, at ``tokens``
-    (T ≥ 2·Σout: backward's dX on the rebuilt merged weights) and ``tokens // 4`` (dX without them). Each
-    case runs twice (:func:`_both_launches`: Triton's launch, then the direct one); the worse run counts."""
+    (T ≥ 2·Σout: backward's dX on the rebuilt merged weights) and ``tokens // 4`` (dX without them), at
+    LoRA rank ``rank``. Each case runs twice (:func:`_both_launches`: Triton's launch, then the direct one);
+    the worse run counts."""
     results, ok = [], True
     gen = torch.Generator(device=device).manual_seed(4321)
-    in_f, outs, r = 1024, (1024, 256, 256), 16
+    in_f, outs, r = 1024, (1024, 256, 256), rank
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(shape, device=device, generator=gen) * scale
@@ -464,11 +477,15 @@ def check_grouped(device: str, tokens: int = 4096) -> dict:
 
 
 def compile_check(
-    device: str, save_merged_weight: bool = False, folded: bool = False, liger: bool = False
+    device: str,
+    save_merged_weight: bool = False,
+    folded: bool = False,
+    liger: bool = False,
+    rank: int = 16,
 ) -> dict:
-    """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer: runs, matches eager
-    (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``; with ``liger``, both run liger's
-    kernels, and the compile may break the graph at them)."""
+    """``torch.compile(block, fullgraph=True)`` on one adapted Llama decoder layer at LoRA rank ``rank``:
+    runs, matches eager (with ``folded``, both run the folded GEMM: ``fused.FOLDED_GEMM``; with ``liger``,
+    both run liger's kernels, and the compile may break the graph at them)."""
     with liger_scope(liger):
         import lorakit
 
@@ -479,7 +496,9 @@ def compile_check(
 
             apply_liger_kernels(model)
         model.requires_grad_(False)
-        config = lorakit.LoraConfig(r=16, alpha=32, targets=TARGETS, save_merged_weight=save_merged_weight)
+        config = lorakit.LoraConfig(
+            r=rank, alpha=2 * rank, targets=TARGETS, save_merged_weight=save_merged_weight
+        )
         lorakit.inject(model, config)
         with torch.no_grad():
             for _, layer in lorakit.lora_layers(model):
@@ -500,7 +519,7 @@ def compile_check(
             grads = [p.grad for p in model.parameters() if p.requires_grad]
             return [out.detach(), x.grad.clone()] + [g.clone() for g in grads]
 
-        settings = {"save_merged_weight": save_merged_weight, "folded": folded, "liger": liger}
+        settings = {"save_merged_weight": save_merged_weight, "folded": folded, "liger": liger, "rank": rank}
         fused.FOLDED_GEMM = folded
         try:
             eager = run(block)
@@ -996,8 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lorakit_ok = False
     if not args.skip_check:
-        report["check"] = check_fused(device)
-        for extra in (check_grouped(device), check_product(device)):
+        report["check"] = check_fused(device, rank=spec.rank)
+        for extra in (check_grouped(device, rank=spec.rank), check_product(device, rank=spec.rank)):
             report["check"]["cases"] += extra["cases"]
             report["check"]["ok"] &= extra["ok"]
         lorakit_ok = report["check"]["ok"]
@@ -1019,7 +1038,9 @@ def main(argv: list[str] | None = None) -> int:
                 if v.startswith("lorakit")
             }
         )
-        report["compile_check"] = [compile_check(device, *s) for s in settings or [(False, False, False)]]
+        report["compile_check"] = [
+            compile_check(device, *s, rank=spec.rank) for s in settings or [(False, False, False)]
+        ]
         LOG.info("compile check: %s", report["compile_check"])
         compiled_ok = all(check["ok"] for check in report["compile_check"])
         if not compiled_ok:
@@ -1066,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
                 for h in (1024, 2048, 4096)
             ]
             if sweep == "size"
-            else [replace(spec, layers=args.sweep_layers, rank=r) for r in (8, 16, 64)]
+            else [replace(spec, layers=args.sweep_layers, rank=r) for r in SWEEP_RANKS]
         )
         for setting in settings:
             names = ["no-adapter", "peft-bf16"] + (["lorakit", "lorakit-frozenA"] if lorakit_ok else [])

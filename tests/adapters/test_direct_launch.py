@@ -124,3 +124,38 @@ def test_a_launcher_that_takes_other_arguments_turns_direct_launches_off(launche
     assert "DIRECT_LAUNCH" in caplog.text
     launcher(kernel, ("k", 0), (1, 1), ("x", 1), {"BLOCK": 16, "FLAG": False})
     assert [c[0] for c in kernel.calls] == ["triton", "triton", "triton"]
+
+
+class _TooLarge(_Kernel):
+    """A stand-in kernel whose launches with more than ``fits`` pipeline stages do not fit the GPU."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+
+    def __getitem__(self, grid):
+        launch = super().__getitem__(grid)
+
+        def checked(*args, **kwargs):
+            if kwargs.get("num_stages", 1) > self.fits:
+                raise tk._DoesNotFitError(262144, 232448, "shared memory")  # (required, limit, name)
+            return launch(*args, **kwargs)
+
+        return checked
+
+
+def test_a_launch_that_does_not_fit_runs_in_one_stage_and_is_kept(launcher, caplog) -> None:
+    kernel = _TooLarge(fits=1)
+    with caplog.at_level("WARNING", logger=tk.__name__):
+        launcher(kernel, ("k", 0), (2, 1), ("x", 8), {"BLOCK": 16, "FLAG": True}, num_warps=4, num_stages=3)
+    assert kernel.calls[0][3] == {"BLOCK": 16, "FLAG": True, "num_warps": 4, "num_stages": 1}
+    assert "one stage" in caplog.text
+    launcher(kernel, ("k", 0), (2, 1), ("x", 8), {"BLOCK": 16, "FLAG": True}, num_warps=4, num_stages=3)
+    assert [c[0] for c in kernel.calls] == ["triton", "direct"]  # the one-stage kernel, launched directly
+
+
+def test_a_launch_that_does_not_fit_in_one_stage_names_the_way_out(launcher) -> None:
+    kernel = _TooLarge(fits=0)
+    with pytest.raises(RuntimeError, match="LORAKIT_TRITON=0"):
+        launcher(kernel, ("k", 0), (2, 1), ("x", 8), {"BLOCK": 16, "FLAG": True}, num_stages=2)
+    assert kernel.calls == [] and tk._COMPILED == {}

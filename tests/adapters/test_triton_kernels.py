@@ -551,3 +551,57 @@ def test_product_backward_kernel_under_the_interpreter() -> None:
     input gradients bit for bit against torch, dA against float64, and a gated block's gradients equal to
     those with x kept; the gated form ``silu(a) * b`` against float64 and through ``lora_gated_linear``."""
     _interpret(PRODUCT_BACKWARD_CHECK)
+
+
+RANK_CHECK = FUSED_VS_FLOAT64.replace(
+    "IN, OUT, R = 48, 40, 8",
+    "from lorakit.adapters import triton_lora as tk\nIN, OUT, R = 48, 40, tk.MAX_RANK + 1",
+) + (
+    textwrap.dedent(
+        """
+    from lorakit.adapters import triton_lora as tk
+
+    def rel(got, want):
+        return float((got.double() - want).abs().max() / want.abs().max())
+
+    # every kernel at ranks whose tiles need smaller blocks (_fit_config), up to the largest it takes
+    torch.manual_seed(0)
+    for rank in (64, tk.MAX_RANK):
+        w, left, right = torch.randn(40, 36).half(), torch.randn(40, rank), torch.randn(rank, 36)
+        merged = tk.merge_lora_weight(w, left, right, 0.5)[0]
+        assert rel(merged, w.double() + 0.5 * left.double() @ right.double()) < 2e-3, rank
+        pair = ([w, w[:8].clone()], [left, left[:8].clone()], [right, right], [0.5, 0.5])
+        grouped = tk.merge_lora_weights(*pair, True)
+        assert torch.equal(grouped[0][0], merged) and torch.equal(grouped[0][1], merged[:8]), rank
+        g, b_s, u = torch.randn(70, 48).half(), torch.randn(48, rank).half(), torch.randn(70, rank).half()
+        gb, d_b = tk.lora_grad_pass(g, b_s, u)
+        assert rel(gb, g.double() @ b_s.double()) < 2e-3, rank
+        assert rel(d_b, g.double().t() @ u.double()) < 1e-5, rank
+        members = ([g, g[:, :16].clone()], [b_s, b_s[:16].clone()], torch.cat([u, u], 1), (rank, rank))
+        gb_group, d_bs = tk.lora_grad_pass_group(*members)
+        assert torch.equal(gb_group[:, :rank], gb), rank
+        assert rel(d_bs[1], g[:, :16].double().t() @ u.double()) < 1e-5, rank
+        a, b, dx = (torch.randn(70, 40).half() for _ in range(3))
+        for silu in (False, True):
+            d_lora = tk.product_backward(dx, a, b, u, None, silu)[2]
+            x = (torch.nn.functional.silu(a.double()) if silu else a.double()) * b.double()
+            assert rel(d_lora, u.double().t() @ x) < 2e-3, (rank, silu)
+
+    # above MAX_RANK the fused path runs torch ops: no kernel is called, and the results are the same
+    calls = []
+    kernels = ("merge_lora_weight", "merge_lora_weights", "lora_grad_pass", "lora_grad_pass_group")
+    for name in (*kernels, "product_backward"):
+        setattr(tk, name, lambda *args, name=name: calls.append(name))
+    fused.GRAD_PASS_IN_EAGER = True
+    cases = [(transposed, train) for transposed in (False, True) for train in ("AB", "B")]
+    worst = max(fused_vs_float64("merged", transposed, train) for transposed, train in cases)
+    assert calls == [] and worst < 1e-2, (calls, worst)
+    """
+    )
+)
+
+
+def test_kernels_at_large_ranks_and_torch_ops_above_the_largest_under_the_interpreter() -> None:
+    """Each kernel at ranks 64 and ``MAX_RANK`` (smaller blocks) against float64; above ``MAX_RANK`` the fused
+    path calls no kernel and still matches float64."""
+    _interpret(RANK_CHECK)

@@ -165,12 +165,13 @@ def _use_triton(kernel: str, t: torch.Tensor) -> bool:
     return kernel in TRITON_KERNELS and triton_lora.AVAILABLE and t.is_cuda
 
 
-def _use_grad_pass(g: torch.Tensor) -> bool:
+def _use_grad_pass(g: torch.Tensor, rank: int) -> bool:
     """The one-pass G/dB kernel on strided operands (the launch with every stride as an argument): under
     ``torch.compile`` always, in eager with :data:`GRAD_PASS_IN_EAGER` where the table launch of
-    :func:`_grad_group_applies` does not apply."""
+    :func:`_grad_group_applies` does not apply; ranks up to ``triton_lora.GRAD_PASS_MAX_RANK``."""
     return (
         g.dtype in (torch.bfloat16, torch.float16)
+        and triton_lora.supports_grad_pass_rank(rank)
         and _use_triton("grad", g)
         and (GRAD_PASS_IN_EAGER or torch.compiler.is_compiling())
     )
@@ -182,9 +183,10 @@ def _merge(
     """``(W0 + s·B A in W0's layout, s·A (r×in), s·B (out×r))``, all in W0's dtype.
 
     On CUDA with Triton: one kernel over the float32 masters (:mod:`lorakit.adapters.triton_lora`) that
-    reads and writes the weight once and also emits the two cast, scaled factors; otherwise torch ops.
+    reads and writes the weight once and also emits the two cast, scaled factors, for ranks up to
+    ``triton_lora.MAX_RANK``; otherwise torch ops.
     """
-    if _use_triton("merge", weight):
+    if _use_triton("merge", weight) and triton_lora.supports_rank(lora_A.shape[0]):
         if _one_launch_applies(transposed, (weight, lora_A, lora_B)):
             merged, a_s, b_s = triton_lora.merge_lora_weights([weight], [lora_B], [lora_A], [scaling], True)
             return merged[0], a_s, b_s[0]
@@ -239,13 +241,16 @@ def _table_launch_allowed(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def _grad_group_applies(
-    grads: Sequence[torch.Tensor], b_scaled: Sequence[torch.Tensor] | None, u: torch.Tensor | None
+    grads: Sequence[torch.Tensor],
+    b_scaled: Sequence[torch.Tensor] | None,
+    u: torch.Tensor | None,
+    rank: int,
 ) -> bool:
     """Whether :func:`triton_lora.lora_grad_pass_group` takes these: with :data:`GRAD_PASS_IN_EAGER`, in eager
     on CUDA, at most ``triton_lora.GROUP_GRAD_MAX_MEMBERS`` bf16/fp16 upstream gradients dY_i (T × out_i,
     out_i a multiple of 16), the s_i B_i (or None: no G wanted) and u (or None: no dB wanted) in their
-    dtype, all contiguous at 16-byte aligned addresses (the kernel is compiled for that), under 2³¹ elements
-    per dY_i (its int32 offsets).
+    dtype, the members' largest ``rank`` at most ``triton_lora.GRAD_PASS_MAX_RANK``, all contiguous at 16-byte
+    aligned addresses (the kernel is compiled for that), under 2³¹ elements per dY_i (its int32 offsets).
 
     Not while a CUDA graph is being captured, for the reason :func:`_one_launch_applies` gives.
     """
@@ -255,6 +260,7 @@ def _grad_group_applies(
         GRAD_PASS_IN_EAGER
         and len(grads) <= triton_lora.GROUP_GRAD_MAX_MEMBERS
         and (b_scaled is not None or u is not None)
+        and triton_lora.supports_grad_pass_rank(rank)
         and g0.dtype in (torch.bfloat16, torch.float16)
         and _use_triton("grad", g0)
         and _table_launch_allowed(operands)
@@ -351,6 +357,7 @@ def _product_backward(
     compiling = torch.compiler.is_compiling()
     if (
         _use_triton("grad", a)
+        and (gb is None or triton_lora.supports_rank(gb.shape[1]))
         and a.dtype in (torch.bfloat16, torch.float16)
         and all(t.dtype == a.dtype for t in operands)  # one dtype: the compiled kernel is reused by that key
         and a.numel() < 2**31
@@ -583,8 +590,10 @@ def _gb_and_db(
     for both; otherwise each is a GEMM of its own (dB written in float32 directly on CUDA).
     """
     gb = d_b = None
-    if (need_gb or train_b) and _grad_group_applies([g], [b_s] if need_gb else None, u if train_b else None):
-        rank = (b_s if need_gb else u).shape[1]
+    rank = (b_s if need_gb else u).shape[1] if need_gb or train_b else 0
+    if (need_gb or train_b) and _grad_group_applies(
+        [g], [b_s] if need_gb else None, u if train_b else None, rank
+    ):
         gb, d_bs = triton_lora.lora_grad_pass_group(
             [g], [b_s] if need_gb else None, u if train_b else None, (rank,)
         )
@@ -592,7 +601,7 @@ def _gb_and_db(
             d_b = d_bs[0] if d_bs[0].dtype == db_dtype else d_bs[0].to(db_dtype)
         return gb, d_b
     if need_gb:
-        if train_b and _use_grad_pass(g):
+        if train_b and _use_grad_pass(g, rank):
             gb, d_b = triton_lora.lora_grad_pass(g, b_s, u)  # one read of G for both
             if d_b.dtype != db_dtype:
                 d_b = d_b.to(db_dtype)

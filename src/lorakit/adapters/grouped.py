@@ -162,8 +162,8 @@ def _factor_grads(
     if all(g is not None for g in rows) and len({b is None for b in b_s}) == len(set(train_b)) == 1:
         left = b_s if with_g else None
         stacked_u = u if train_b[0] else None
-        if fused._grad_group_applies(rows, left, stacked_u):
-            ranks = tuple(f.shape[1] for f in factors_b)
+        ranks = tuple(f.shape[1] for f in factors_b)
+        if fused._grad_group_applies(rows, left, stacked_u, max(ranks)):
             gb_cat, d_bs = triton_lora.lora_grad_pass_group(rows, left, stacked_u, ranks)
             if d_bs is None:
                 return gb_cat, with_g, [None] * n
@@ -201,8 +201,10 @@ def _merge_siblings(
     group (:func:`lorakit.adapters.triton_lora.merge_lora_weights`); else one :func:`fused._merge` each.
     """
     weights = [w if w.dtype == dtype else w.to(dtype) for w in weights]
-    if fused._use_triton("merge", weights[0]) and fused._one_launch_applies(
-        transposed, (*weights, *factors_a, *factors_b)
+    if (
+        fused._use_triton("merge", weights[0])
+        and triton_lora.supports_rank(max(a.shape[0] for a in factors_a))
+        and fused._one_launch_applies(transposed, (*weights, *factors_a, *factors_b))
     ):
         return triton_lora.merge_lora_weights(
             weights, list(factors_b), list(factors_a), list(scalings), scaled_b

@@ -16,6 +16,7 @@ functions are None, and callers fall back to torch ops. The kernels are register
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -46,13 +47,45 @@ PRODUCT_BACKWARD_CONFIG = (128, 128, 8, 3, 1024)
 PRODUCT_BACKWARD_SILU_CONFIG = (64, 128, 8, 3, 1024)
 #: The most siblings :func:`lora_grad_pass_group` takes in one launch (its kernel's pointer arguments).
 GROUP_GRAD_MAX_MEMBERS = 4
+#: The largest LoRA rank the kernels take (:func:`supports_rank`); the callers in ``fused`` run torch ops for
+#: larger ranks. Each kernel holds rank-wide tiles (BLOCK_R = the rank rounded up to a power of two) in
+#: registers and shared memory, and their block sizes shrink with BLOCK_R to fit (:func:`_fit_config`).
+#: Checked against float64 on an H100 at ranks 1 to 128 (benchmarks/rank_check.py).
+MAX_RANK = 128
+#: The largest rank the one-pass G/dB kernels take; cuBLAS's two GEMMs above it. Their float32 atomic adds
+#: into dB grow with the rank over the row block (T / BLOCK_M × out × r, and BLOCK_M shrinks above rank
+#: 32), and past rank 32 they cost more than the second read of dY they save: on an H100 (4-layer Llama at
+#: hidden 2048, 8192 tokens, eager) the kernels gave +0.8% and +1.2% at rank 32, −3.9% at rank 64 and
+#: −10.6% at rank 128 against cuBLAS (benchmarks/RESULTS.md, "LoRA ranks above 16").
+GRAD_PASS_MAX_RANK = 32
+#: Shared memory per block assumed where the GPU's own figure cannot be read: the smallest opt-in limit
+#: of the GPUs Triton compiles for (sm_86/sm_89 consumer and workstation parts, 99 KiB).
+FALLBACK_SHARED_MEMORY = 101376
 merge_lora_weight = None
 merge_lora_weights = None
 lora_grad_pass = None
 lora_grad_pass_group = None
 product_backward = None
 
+
+def supports_rank(rank: int) -> bool:
+    """Whether the kernels take factors of rank ``rank`` (≤ :data:`MAX_RANK`)."""
+    return rank <= MAX_RANK
+
+
+def supports_grad_pass_rank(rank: int) -> bool:
+    """Whether the G/dB kernels (:func:`lora_grad_pass`, :func:`lora_grad_pass_group`) take rank ``rank``
+    (≤ :data:`GRAD_PASS_MAX_RANK`)."""
+    return rank <= GRAD_PASS_MAX_RANK
+
+
 if triton is not None:
+    try:
+        from triton.runtime.errors import OutOfResources as _DoesNotFitError
+    except ImportError:  # an older Triton: a launch that does not fit fails as it did
+
+        class _DoesNotFitError(Exception):
+            pass
 
     @triton.jit
     def _merged_tile(
@@ -413,12 +446,23 @@ if triton is not None:
         cols = torch.zeros((N, R), dtype=torch.float32, device=a.device) if u is not None else None
         r_ = right if right is not None else a
         u_ = u if u is not None else a
-        (kernel or _rows_kernel)[(triton.cdiv(M, block_m),)](
+        grid = (triton.cdiv(M, block_m),)
+        args = (
             a, r_, u_, rows if rows is not None else a, cols if cols is not None else a, M, N, R,
             a.stride(0), a.stride(1), r_.stride(0), r_.stride(1), u_.stride(0), u_.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R),
-            HAS_ROWS=right is not None, HAS_COLS=u is not None, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
+        constexprs = {
+            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": _block_r(R),
+            "HAS_ROWS": right is not None, "HAS_COLS": u is not None,
+        }  # fmt: skip
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        if kernel is not None:  # the wrap_triton launch that torch.compile traces
+            kernel[grid](*args, **constexprs, **options)
+            return rows, cols
+        try:
+            _rows_kernel[grid](*args, **constexprs, **options)
+        except _DoesNotFitError as error:  # raised before anything is launched
+            _launch_in_one_stage(_rows_kernel, grid, args, constexprs, options, error)
         return rows, cols
 
     @triton_op("lorakit::merge_lora_weight", mutates_args={})
@@ -474,7 +518,10 @@ if triton is not None:
             return
         found = _COMPILED.get(key) if DIRECT_LAUNCH else None
         if found is None:
-            compiled = kernel[grid](*args, **constexprs, **options)
+            try:
+                compiled = kernel[grid](*args, **constexprs, **options)
+            except _DoesNotFitError as error:  # raised before anything is launched
+                compiled = _launch_in_one_stage(kernel, grid, args, constexprs, options, error)
             if DIRECT_LAUNCH and _LAUNCHER_TAKES_CONSTEXPRS and _launchable(compiled):
                 if len(_COMPILED) >= 4096:  # shapes that keep changing (token counts): start over
                     _COMPILED.clear()
@@ -494,6 +541,26 @@ if triton is not None:
         except TypeError as error:  # a Triton whose launcher takes other arguments: nothing was launched
             _stop_direct_launches(error)
             kernel[grid](*args, **constexprs, **options)
+
+    def _launch_in_one_stage(
+        kernel, grid: tuple, args: tuple, constexprs: dict, options: dict, error: Exception
+    ) -> object:
+        """Launch again without software pipelining where a launch did not fit the GPU's shared memory
+        (:func:`_fit_config` estimates it, and a GPU it was not checked on may differ); else an error that
+        names the kernel and the way out."""
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        if options.get("num_stages", 1) > 1:
+            logger.warning(
+                "lorakit: %s %s did not fit (%s); launching it in one stage", name, constexprs, error
+            )
+            try:
+                return kernel[grid](*args, **constexprs, **{**options, "num_stages": 1})
+            except _DoesNotFitError as one_stage_error:
+                error = one_stage_error
+        raise RuntimeError(
+            f"lorakit: the Triton kernel {name} {constexprs} does not fit this GPU ({error}); set "
+            "LORAKIT_TRITON=0 to run torch ops instead, and please report the GPU and the LoRA rank"
+        ) from error
 
     def _stop_direct_launches(error: Exception) -> None:
         """Turn :data:`DIRECT_LAUNCH` off for this process, with a warning naming the cause."""
@@ -617,20 +684,90 @@ if triton is not None:
         parts = b_out.split_with_sizes(b_sizes)
         return merged, a_out, [p.view(f.shape) for p, f in zip(parts, lefts, strict=True)]
 
-    def _grad_pass_config(n: int) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_N, warps, stages): near the fastest of rank_r_kernels.py's grid (H100)."""
-        return (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
+    @functools.cache
+    def _shared_memory(index: int | None) -> int:
+        """Bytes of shared memory a block may use on CUDA device ``index``: Triton's own figure (what it
+        checks a compiled kernel against), else torch's, else :data:`FALLBACK_SHARED_MEMORY`."""
+        if index is None:  # CPU tensors (Triton's interpreter): no limit to fit
+            return 1 << 30
+        # each query may be missing (an older Triton or torch) or fail (no driver): try the next
+        try:
+            return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+        except Exception:
+            pass
+        try:
+            return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+        except Exception:
+            return FALLBACK_SHARED_MEMORY
 
-    def _group_grad_config(widths: list[int], with_g: bool) -> tuple[int, int, int, int, int]:
+    def _rows_shared_memory(block_m: int, block_n: int, block_r: int, stages: int) -> int:
+        """An estimate of :func:`_rows_block`'s shared memory in bytes (half-precision operands): its loop
+        pipelines the dY tile (BLOCK_M × BLOCK_N) and the s·B tile (BLOCK_N × BLOCK_R) over ``stages``
+        buffers, and u (BLOCK_M × BLOCK_R) is loaded once. Not a bound: on an H100 Triton asked 262,144
+        bytes at (256, 128, 64, 3), which this puts at 278,528, but 245,760 at (64, 128, 128, 4) with a
+        strided s·B, which this puts at 212,992 (:data:`_ESTIMATE_MARGIN`)."""
+        return 2 * (stages * (block_m * block_n + block_n * block_r) + block_m * block_r)
+
+    def _product_shared_memory(block_m: int, block_n: int, block_r: int, stages: int) -> int:
+        """An estimate of :func:`_product_backward_kernel`'s shared memory in bytes: the operands of its one
+        dot, G (BLOCK_R × BLOCK_M) and the product (BLOCK_M × BLOCK_N), over ``stages`` buffers."""
+        return 2 * stages * (block_r * block_m + block_m * block_n)
+
+    #: What :func:`_fit_config` multiplies an estimate by before comparing it with a GPU's shared memory: the
+    #: worst shortfall seen on an H100 (245,760 bytes asked against 212,992 estimated) with room to spare.
+    _ESTIMATE_MARGIN = 1.25
+    #: The shared memory per block of an H100 (and H200), where the tuned configurations were measured.
+    _H100_SHARED_MEMORY = 232448
+
+    @functools.cache
+    def _fit_config(
+        config: tuple[int, ...], block_r: int, limit: int, estimate, max_tile: int
+    ) -> tuple[int, ...]:
+        """``config`` = (BLOCK_M, BLOCK_N, warps, stages, *rest), tuned and run at ranks up to 16 on an H100,
+        as it is there; elsewhere shrunk for BLOCK_R and a device with ``limit`` bytes of shared memory per
+        block until it fits: BLOCK_M until a rank-wide float32 tile of BLOCK_M × BLOCK_R stays within
+        ``max_tile`` elements (registers), then, while ``estimate(BLOCK_M, BLOCK_N, BLOCK_R, stages)`` times
+        :data:`_ESTIMATE_MARGIN` exceeds ``limit``, stages down to 2, BLOCK_N and BLOCK_M down to 32, then
+        one stage. Halving keeps every CHUNK or ROWS in ``rest`` a multiple of BLOCK_N and BLOCK_M."""
+        block_m, block_n, warps, stages, *rest = config
+        if block_r <= 16 and limit >= _H100_SHARED_MEMORY:
+            return config
+        while block_m * block_r > max_tile and block_m > 32:
+            block_m //= 2
+        while estimate(block_m, block_n, block_r, stages) * _ESTIMATE_MARGIN > limit:
+            if stages > 2:
+                stages -= 1
+            elif block_n > 32:
+                block_n //= 2
+            elif block_m > 32:
+                block_m //= 2
+            elif stages > 1:
+                stages = 1
+            else:
+                break
+        return (block_m, block_n, warps, stages, *rest)
+
+    def _grad_pass_config(n: int, block_r: int, index: int | None) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, warps, stages) for dY of ``n`` columns: near the fastest of
+        rank_r_kernels.py's grid (H100, r = 16), fitted to BLOCK_R and the device (:func:`_fit_config`)."""
+        config = (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
+        return _fit_config(config, block_r, _shared_memory(index), _rows_shared_memory, 256 * 32)
+
+    def _group_grad_config(
+        widths: tuple[int, ...], with_g: bool, block_r: int, index: int | None
+    ) -> tuple[int, int, int, int, int]:
         """(BLOCK_M, BLOCK_N, warps, stages, CHUNK) of :func:`_group_grad_kernel`, from
-        benchmarks/group_grad.py (H100, T = 8192, r = 16; CHUNK 0: each member in one chunk). With G, row
-        blocks of 256 (half the float32 atomic adds into dB of 128) were fastest, split into column chunks:
-        the q/k/v group and lone layers of 2048 outputs took 30.6–40.1 µs at (256, 64, 8, 3, 512), against
-        34.7–47.6 µs for the best unsplit configuration; gate/up took 122.1 µs at (256, 128, 8, 3, 2048),
-        against 134.3 µs. dB alone was fastest unsplit at (128, 128, 8, 4)."""
+        benchmarks/group_grad.py (H100, T = 8192, r = 16; CHUNK 0: each member in one chunk), fitted to
+        BLOCK_R and the device (:func:`_fit_config`). With G, row blocks of 256 (half the float32 atomic adds
+        into dB of 128) were fastest, split into column chunks: the q/k/v group and lone layers of 2048
+        outputs took 30.6–40.1 µs at (256, 64, 8, 3, 512), against 34.7–47.6 µs for the best unsplit
+        configuration; gate/up took 122.1 µs at (256, 128, 8, 3, 2048), against 134.3 µs. dB alone was
+        fastest unsplit at (128, 128, 8, 4)."""
         if not with_g:
-            return 128, 128, 8, 4, 0
-        return (256, 64, 8, 3, 512) if sum(widths) <= 4096 else (256, 128, 8, 3, 2048)
+            config = (128, 128, 8, 4, 0)
+        else:
+            config = (256, 64, 8, 3, 512) if sum(widths) <= 4096 else (256, 128, 8, 3, 2048)
+        return _fit_config(config, block_r, _shared_memory(index), _rows_shared_memory, 256 * 32)
 
     def _grad_meta(
         widths: tuple[int, ...], ranks: tuple[int, ...], chunk: int, device: torch.device
@@ -677,7 +814,9 @@ if triton is not None:
             raise ValueError(f"lora_grad_pass_group: takes 1 to {GROUP_GRAD_MAX_MEMBERS} members, got {n}")
         g0 = grads[0]
         widths = tuple(g.shape[1] for g in grads)
-        block_m, block_n, warps, stages, chunk = config or _group_grad_config(widths, b_scaled is not None)
+        block_m, block_n, warps, stages, chunk = config or _group_grad_config(
+            widths, b_scaled is not None, _block_r(max(ranks)), g0.device.index
+        )
         if chunk % block_n:
             raise ValueError(f"lora_grad_pass_group: CHUNK {chunk} is not a multiple of BLOCK_N {block_n}")
         meta, db_size, items, split, block_r, db_sizes = _grad_meta(widths, ranks, chunk, g0.device)
@@ -727,10 +866,16 @@ if triton is not None:
         config: tuple[int, int, int, int, int] | None,
     ) -> tuple[tuple, dict, tuple[int, int], dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """``(args, constexprs, grid, options, outputs)`` of one :func:`_product_backward_kernel` launch."""
-        default = PRODUCT_BACKWARD_SILU_CONFIG if silu else PRODUCT_BACKWARD_CONFIG
-        block_m, block_n, warps, stages, rows = config or default
         tokens, n_cols = a.shape
         rank = g.shape[1] if g is not None else 1
+        if (
+            config is None
+        ):  # the tuned one, fitted to BLOCK_R and the device; ROWS stays a multiple of BLOCK_M
+            default = PRODUCT_BACKWARD_SILU_CONFIG if silu else PRODUCT_BACKWARD_CONFIG
+            config = _fit_config(
+                default, _block_r(rank), _shared_memory(a.device.index), _product_shared_memory, 128 * 128
+            )
+        block_m, block_n, warps, stages, rows = config
         d_a, d_b = torch.empty_like(a), torch.empty_like(b)
         out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device) if g is not None else None
         constexprs = {
@@ -784,7 +929,8 @@ if triton is not None:
     def _grad_pass_op(
         g: torch.Tensor, b_s: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1]), kernel=wrap_triton(_rows_kernel))
+        config = _grad_pass_config(g.shape[1], _block_r(b_s.shape[1]), g.device.index)
+        return rows_pass(g, b_s, u, *config, kernel=wrap_triton(_rows_kernel))
 
     def _lora_grad_pass(
         g: torch.Tensor, b_s: torch.Tensor, u: torch.Tensor
@@ -795,7 +941,7 @@ if triton is not None:
         launch in eager (as :func:`merge_lora_weight`)."""
         if torch.compiler.is_compiling():
             return _grad_pass_op(g, b_s, u)
-        return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1]))
+        return rows_pass(g, b_s, u, *_grad_pass_config(g.shape[1], _block_r(b_s.shape[1]), g.device.index))
 
     merge_lora_weight = _merge_lora_weight
     merge_lora_weights = _merge_lora_weights
