@@ -12,9 +12,10 @@ adapted Llama block, and counts the calls of each Triton entry point: every one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,31 +33,39 @@ FAMILIES = {
 ENTRY_POINTS = tuple(name for names in FAMILIES.values() for name in names)
 
 
-def _counting(counts: Counter, name: str, function: Callable) -> Callable:
-    def counted(*args, **kwargs):
-        counts[name] += 1
-        return function(*args, **kwargs)
+@contextlib.contextmanager
+def counting(counts: Counter, names: tuple[str, ...] = ENTRY_POINTS) -> Iterator[None]:
+    """Count the calls of the ``triton_lora`` entry points ``names`` into ``counts`` meanwhile (the library
+    looks them up in the module on every call). Not around ``torch.compile``: it refuses a Function whose
+    forward changes an outside variable."""
+    originals = {name: getattr(triton_lora, name) for name in names}
 
-    return counted
+    def counted(name: str, function: Callable) -> Callable:
+        def run(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
 
+        return run
 
-def check_rank(rank: int, device: str, compiled: bool) -> dict:
-    """Every check at ``rank`` (the compile check where ``compiled``), and the Triton entry points' call
-    counts during the others."""
-    counts: Counter = Counter()
-    originals = {name: getattr(triton_lora, name) for name in ENTRY_POINTS}
     for name, function in originals.items():
-        setattr(triton_lora, name, _counting(counts, name, function))
+        setattr(triton_lora, name, counted(name, function))
     try:
-        checks = [
-            check_fused(device, rank=rank),
-            check_grouped(device, rank=rank),
-            check_product(device, rank=rank),
-        ]
+        yield
     finally:
         for name, function in originals.items():
             setattr(triton_lora, name, function)
-    # outside the counting: torch.compile refuses a Function whose forward changes an outside variable
+
+
+def check_rank(rank: int, device: str, compiled: bool, tokens: int = 4096) -> dict:
+    """Every check at ``rank`` on ``tokens`` rows (the compile check where ``compiled``), and the Triton
+    entry points' call counts during the others."""
+    counts: Counter = Counter()
+    with counting(counts):
+        checks = [
+            check_fused(device, tokens, rank),
+            check_grouped(device, tokens, rank),
+            check_product(device, tokens, rank),
+        ]
     compiled = compile_check(device, rank=rank) if compiled else {"ok": True, "error": "not run"}
     cases = [case for check in checks for case in check["cases"]]
     worst: dict[str, float] = {}
@@ -70,6 +79,7 @@ def check_rank(rank: int, device: str, compiled: bool) -> dict:
     )
     return {
         "rank": rank,
+        "tokens": tokens,
         "cases": len(cases),
         "failed": [case for case in cases if not case["pass"]],
         "worst_rel_err": worst,
@@ -81,7 +91,9 @@ def check_rank(rank: int, device: str, compiled: bool) -> dict:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        f"Checks per LoRA rank (Triton kernels up to rank {triton_lora.MAX_RANK}, torch ops above):\n\n"
+        f"Checks per LoRA rank on {rows[0]['tokens'] if rows else 0} rows (merges and the product pass up to "
+        f"rank {triton_lora.MAX_RANK}, the G/dB kernels up to {triton_lora.GRAD_PASS_MAX_RANK}; torch ops "
+        "above):\n\n"
         "| rank | cases | failed | worst bf16 | worst fp32 | compile check | Triton calls | pass |\n"
         "|---|---|---|---|---|---|---|---|\n"
     ]
@@ -108,6 +120,7 @@ def main() -> int:
     parser.add_argument(
         "--compile-ranks", default="8,64,128,256", help="ranks that also run the compile check (slow)"
     )
+    parser.add_argument("--tokens", type=int, default=4096, help="rows of the checks (even)")
     parser.add_argument(
         "--out", type=Path, default=Path("out/rank_check.json"), help="JSON path (.md beside)"
     )
@@ -118,7 +131,7 @@ def main() -> int:
     rows = []
     compile_ranks = {int(r) for r in args.compile_ranks.split(",") if r}
     for rank in (int(r) for r in args.ranks.split(",")):
-        rows.append(check_rank(rank, "cuda", rank in compile_ranks))
+        rows.append(check_rank(rank, "cuda", rank in compile_ranks, args.tokens))
         logger.info("rank %d: %s", rank, "PASS" if rows[-1]["ok"] else f"FAIL {rows[-1]}")
         write_report(args.out, {"rows": rows}, render(rows))
     print(render(rows))

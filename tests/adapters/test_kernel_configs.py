@@ -73,3 +73,15 @@ def test_ranks_above_the_largest_go_to_torch_ops() -> None:
     assert tk.supports_rank(tk.MAX_RANK) and not tk.supports_rank(tk.MAX_RANK + 1)
     assert tk.supports_grad_pass_rank(tk.GRAD_PASS_MAX_RANK)
     assert not tk.supports_grad_pass_rank(tk.GRAD_PASS_MAX_RANK + 1)
+
+
+@pytest.mark.parametrize("limit", [H100, A100, SM89, 65536])
+def test_merge_blocks_fit_and_keep_the_row_tiles_the_group_tables_were_built_for(limit: int) -> None:
+    for rank in (1, 16, 32, 64, 128):
+        block_r = tk._block_r(rank)
+        block_m, block_n, warps = tk._fit_config(
+            (32, 128, 4, 1), block_r, limit, tk._merge_shared_memory, 1 << 30
+        )[:3]
+        margin = 1 if block_r <= 16 and limit >= H100 else tk._ESTIMATE_MARGIN
+        assert tk._merge_shared_memory(block_m, block_n, block_r, 1) * margin <= limit, (rank, limit)
+        assert (block_m, warps) == (32, 4) and block_n >= 32, (rank, limit)

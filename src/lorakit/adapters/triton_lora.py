@@ -397,8 +397,7 @@ if triton is not None:
         out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         left_out = torch.empty((M, R), dtype=weight.dtype, device=weight.device)
         right_out = torch.empty((R, N), dtype=weight.dtype, device=weight.device)
-        # (32, 128, 4): within 12% of the fastest at every shape of benchmarks/rank_r_kernels.py (H100)
-        block_m, block_n, warps = config or (32, 128, 4)
+        block_m, block_n, warps = config or _merge_config(_block_r(R), weight.device.index)
         grid = (-(-M // block_m), -(-N // block_n))
         args = (
             weight, left, right, out, left_out, right_out, M, N, R, scaling,
@@ -657,7 +656,10 @@ if triton is not None:
         n, with 8 runtime arguments in place of 18 each: host time that eager steps wait on where the host is
         slow (benchmarks/RESULTS.md, "One merge launch per sibling group").
         """
-        block_m, block_n, warps = config or (32, 128, 4)  # as _launch; config = (BLOCK_M, BLOCK_N, warps)
+        # as _launch; config = (BLOCK_M, BLOCK_N, warps)
+        block_m, block_n, warps = config or _merge_config(
+            _block_r(max(f.shape[1] for f in lefts)), weights[0].device.index
+        )
         table, meta, scales, tiles, rows, a_rows, b_size, block_r, row_sizes, b_sizes = _group_tables(
             weights, lefts, rights, scalings, block_m
         )
@@ -746,6 +748,18 @@ if triton is not None:
             else:
                 break
         return (block_m, block_n, warps, stages, *rest)
+
+    def _merge_shared_memory(block_m: int, block_n: int, block_r: int, stages: int) -> int:
+        """An estimate of the merge kernels' shared memory in bytes: the operands of their one dot, the
+        float32 factor tiles (BLOCK_M × BLOCK_R and BLOCK_R × BLOCK_N); no loop, so no stages."""
+        return 4 * (block_m * block_r + block_r * block_n)
+
+    def _merge_config(block_r: int, index: int | None) -> tuple[int, int, int]:
+        """(BLOCK_M, BLOCK_N, warps) of the merge kernels: (32, 128, 4), within 12% of the fastest at every
+        shape of benchmarks/rank_r_kernels.py (H100, r = 16), fitted to BLOCK_R and the device
+        (:func:`_fit_config`; BLOCK_N shrinks first)."""
+        limit = _shared_memory(index)
+        return _fit_config((32, 128, 4, 1), block_r, limit, _merge_shared_memory, 1 << 30)[:3]
 
     def _grad_pass_config(n: int, block_r: int, index: int | None) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, warps, stages) for dY of ``n`` columns: near the fastest of
