@@ -3,12 +3,13 @@
 ``throughput.py`` checks one layer at a time in bf16 and float32. Users train whole models in other ways:
 ``transformers.Trainer(bf16=True)`` or ``fp16=True`` keeps the model in float32 and runs it under
 ``torch.autocast``, and gradient checkpointing (reentrant, transformers' default, or not) runs each decoder
-layer's forward twice. This script takes one language-model step of a small random Llama with lorakit on all
-seven projections for each path, and compares the loss and every LoRA gradient with the same model in
-float64 on the reference kernel. A path passes where lorakit's worst relative error is within 1e-2 or twice
-that of the reference kernel run on the same path (plain LoRA math in the same precision), and where each
-family of Triton kernels (merges, the G/dB pass) ran at the ranks it takes and not above. Exits non-zero
-otherwise. Needs a CUDA GPU.
+layer's forward twice. For each path this script takes one language-model step of a small random model
+(Llama by default; Qwen2, Mistral, Phi-3, Gemma and GPT-2 with ``--architectures``) with lorakit on every
+linear layer, and compares the loss and every LoRA gradient with the same model in float64 on the reference
+kernel. A path passes where lorakit's worst relative error is within 1e-2 or twice that of the reference
+kernel run on the same path (plain LoRA math in the same precision), and where each family of Triton
+kernels (merges, the G/dB pass) ran at the ranks it takes and not above. Exits non-zero otherwise. Needs a
+CUDA GPU.
 
     PYTHONPATH=src python benchmarks/model_check.py --out out/model_check.json
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import rank_check
 import torch
-from throughput import TARGETS, write_report
+from throughput import write_report
 
 import lorakit
 from lorakit.adapters import triton_lora
@@ -42,17 +43,47 @@ FAMILIES = {family: rank_check.FAMILIES[family] for family in ("merge", "grad")}
 GRAD_AND_MERGE = (*FAMILIES["merge"], *FAMILIES["grad"])
 
 
-def build(rank: int) -> torch.nn.Module:
-    """A 2-layer random Llama (hidden 512, float32) with lorakit on every projection and random B."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: architecture -> (transformers config class, its arguments for a 2-layer model of width 512): Llama and
+#: the models that copy its blocks, Qwen2's biased q/k/v, Phi-3's fused qkv_proj and gate_up_proj (its
+#: down projection's input is the product of two views of one tensor), Gemma's GELU-gated MLP, and GPT-2's
+#: Conv1D layers (weights stored transposed)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "gemma": ("GemmaConfig", {"head_dim": 64}),
+    "gpt2": (
+        "GPT2Config",
+        # no dropout: the float64 reference must draw no masks of its own
+        {
+            "n_embd": 512,
+            "n_layer": 2,
+            "n_head": 8,
+            "n_positions": 512,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
+    ),
+}
+_DECODER = {
+    "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 2, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "max_position_embeddings": 512,
+}  # fmt: skip
 
-    config = LlamaConfig(
-        hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, use_cache=False,
-    )  # fmt: skip
+
+def build(architecture: str, rank: int) -> torch.nn.Module:
+    """A 2-layer random model of ``architecture`` (width 512, float32) with lorakit on every linear layer
+    but the head (``targets="all-linear"``) and random B."""
+    import transformers
+
+    class_name, arguments = ARCHITECTURES[architecture]
+    shape = {} if architecture == "gpt2" else _DECODER
+    config = getattr(transformers, class_name)(vocab_size=1000, use_cache=False, **shape, **arguments)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets=TARGETS))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, layer in lorakit.lora_layers(model):
@@ -108,6 +139,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--architectures", default="llama", help=f"comma list of {', '.join(ARCHITECTURES)}")
     parser.add_argument(
         "--out", type=Path, default=Path("out/model_check.json"), help="JSON path (.md beside)"
     )
@@ -115,23 +147,28 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not (torch.cuda.is_available() and triton_lora.AVAILABLE):
         raise SystemExit("model_check.py needs a CUDA GPU with Triton")
-    base = build(args.rank)
-    ids = torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(2)).cuda()
-    reference = copy.deepcopy(base).to("cuda", torch.float64)
-    set_kernel(reference, "reference")
-    want = step(reference.train(), ids, None)
-    rows = [check_path(name, base, ids, want, args.rank) for name in PATHS]
+    rows = []
+    for architecture in args.architectures.split(","):
+        base = build(architecture, args.rank)
+        ids = torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(2)).cuda()
+        reference = copy.deepcopy(base).to("cuda", torch.float64)
+        set_kernel(reference, "reference")
+        want = step(reference.train(), ids, None)
+        for name in PATHS:
+            rows.append({"architecture": architecture, **check_path(name, base, ids, want, args.rank)})
+            logger.info("%s, %s: %s", architecture, name, rows[-1])
     lines = [
-        f"Whole-model steps against float64 (2-layer Llama, hidden 512, 2 × 512 tokens, r = {args.rank}):\n\n"
-        "| path | lorakit rel. err | reference kernel rel. err | Triton merges / G/dB calls | pass |\n"
-        "|---|---|---|---|---|\n"
+        f"Whole-model steps against float64 (2 layers, width 512, 2 × 512 tokens, r = {args.rank}):\n\n"
+        "| model | path | lorakit rel. err | reference kernel rel. err | Triton merges / G/dB calls "
+        "| pass |\n"
+        "|---|---|---|---|---|---|\n"
     ]
     for row in rows:
         e, calls = row["rel_err"], row["triton_calls"]
         verdict = "PASS" if row["ok"] else "FAIL"
         lines.append(
-            f"| {row['path']} | {e['fused']:.2e} | {e['reference']:.2e} | {calls['merge']} / {calls['grad']} "
-            f"| {verdict} |\n"
+            f"| {row['architecture']} | {row['path']} | {e['fused']:.2e} | {e['reference']:.2e} | "
+            f"{calls['merge']} / {calls['grad']} | {verdict} |\n"
         )
     write_report(args.out, {"rank": args.rank, "rows": rows}, "".join(lines))
     print("".join(lines))
