@@ -112,7 +112,10 @@ def measure(names: tuple[str, ...], tokens: int, timer) -> dict:
         "/".join(names), row["read_ms"] * 1e3, nbytes / row["read_ms"] / 1e9, row["default_g_ms"] * 1e3,
     )  # fmt: skip
     for kind in ("g_db", "db"):
-        default = "x".join(map(str, triton_lora._group_grad_config(outs, kind == "g_db")))
+        fitted = triton_lora._group_grad_config(
+            tuple(outs), kind == "g_db", triton_lora._block_r(RANK), torch.cuda.current_device()
+        )
+        default = "x".join(map(str, fitted))
         mine = {k[: -len(f"_{kind}_ms")]: v for k, v in row.items() if k.endswith(f"_{kind}_ms")}
         reference = mine.pop("cublas")
         best = min(mine, key=mine.get)
