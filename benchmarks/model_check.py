@@ -155,14 +155,9 @@ def check_path(
         with rank_check.counting(counts, GRAD_AND_MERGE) if counted else contextlib.nullcontext():
             step(model, ids, autocast, forward)  # the first step: sibling groups find their inputs
             errors[kernel] = worst_error(step(model, ids, autocast, forward), want)
-    ran = None if compiled else {family: sum(counts[n] for n in names) for family, names in FAMILIES.items()}
-    # with mixed ranks, a family must run where some layer's rank is one it takes
-    expected = {
-        "merge": any(triton_lora.supports_rank(r) for r in ranks),
-        "grad": any(triton_lora.supports_grad_pass_rank(r) for r in ranks),
-    }
-    ran_as_expected = compiled or all((ran[family] > 0) == expected[family] for family in FAMILIES)
-    ok = errors["fused"] <= max(1e-2, 2 * errors["reference"]) and ran_as_expected
+    ran = None if compiled else rank_check.families_ran(counts, FAMILIES)
+    as_expected = compiled or rank_check.ran_as_expected(counts, ranks, FAMILIES)
+    ok = errors["fused"] <= max(1e-2, 2 * errors["reference"]) and as_expected
     path = f"{name} (torch.compile)" if compiled else name
     return {"path": path, "rel_err": errors, "triton_calls": ran, "ok": ok}
 
@@ -193,8 +188,8 @@ def main() -> int:
         reference = copy.deepcopy(base).to("cuda", torch.float64)
         set_kernel(reference, "reference")
         want = step(reference.train(), ids, None)
+        ranks = {layer.r for _, layer in lorakit.lora_layers(base)}
         for name in COMPILED_PATHS if args.compile else PATHS:
-            ranks = {layer.r for _, layer in lorakit.lora_layers(base)}
             result = check_path(name, base, ids, want, ranks, args.compile)
             rows.append({"architecture": architecture, **result})
             logger.info("%s, %s: %s", architecture, name, rows[-1])

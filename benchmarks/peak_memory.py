@@ -40,10 +40,10 @@ def owned_tensors(model: torch.nn.Module, optimizer: object) -> dict[int, tuple[
     owned: dict[int, tuple[str, int]] = {}
 
     def add(tensor: torch.Tensor, kind: str) -> None:
-        if tensor.is_cuda and tensor.numel():
-            owned.setdefault(tensor.data_ptr(), (f"{kind} ({str(tensor.dtype).removeprefix('torch.')})", 0))
-            kind_name, size = owned[tensor.data_ptr()]
-            owned[tensor.data_ptr()] = (kind_name, max(size, tensor.untyped_storage().nbytes()))
+        # a tensor seen before (a tied weight) keeps its first kind; its storage's size is the same
+        if tensor.is_cuda and tensor.numel() and tensor.data_ptr() not in owned:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            owned[tensor.data_ptr()] = (f"{kind} ({dtype})", tensor.untyped_storage().nbytes())
 
     for parameter in model.parameters():
         add(parameter, "parameter, trained" if parameter.requires_grad else "parameter, frozen")

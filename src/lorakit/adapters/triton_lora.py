@@ -721,7 +721,6 @@ if triton is not None:
     #: The shared memory per block of an H100 (and H200), where the tuned configurations were measured.
     _H100_SHARED_MEMORY = 232448
 
-    @functools.cache
     def _fit_config(
         config: tuple[int, ...], block_r: int, limit: int, estimate, max_tile: int
     ) -> tuple[int, ...]:
@@ -730,7 +729,8 @@ if triton is not None:
         block until it fits: BLOCK_M until a rank-wide float32 tile of BLOCK_M × BLOCK_R stays within
         ``max_tile`` elements (registers), then, while ``estimate(BLOCK_M, BLOCK_N, BLOCK_R, stages)`` times
         :data:`_ESTIMATE_MARGIN` exceeds ``limit``, stages down to 2, BLOCK_N and BLOCK_M down to 32, then
-        one stage. Halving keeps every CHUNK or ROWS in ``rest`` a multiple of BLOCK_N and BLOCK_M."""
+        one stage. Halving keeps every CHUNK or ROWS in ``rest`` a multiple of BLOCK_N and BLOCK_M. Each
+        kernel's config function caches its result, so a launch costs one lookup."""
         block_m, block_n, warps, stages, *rest = config
         if block_r <= 16 and limit >= _H100_SHARED_MEMORY:
             return config
@@ -754,6 +754,7 @@ if triton is not None:
         float32 factor tiles (BLOCK_M × BLOCK_R and BLOCK_R × BLOCK_N); no loop, so no stages."""
         return 4 * (block_m * block_r + block_r * block_n)
 
+    @functools.cache
     def _merge_config(block_r: int, index: int | None) -> tuple[int, int, int]:
         """(BLOCK_M, BLOCK_N, warps) of the merge kernels: (32, 128, 4), within 12% of the fastest at every
         shape of benchmarks/rank_r_kernels.py (H100, r = 16), fitted to BLOCK_R and the device
@@ -761,12 +762,14 @@ if triton is not None:
         limit = _shared_memory(index)
         return _fit_config((32, 128, 4, 1), block_r, limit, _merge_shared_memory, 1 << 30)[:3]
 
+    @functools.cache
     def _grad_pass_config(n: int, block_r: int, index: int | None) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, warps, stages) for dY of ``n`` columns: near the fastest of
         rank_r_kernels.py's grid (H100, r = 16), fitted to BLOCK_R and the device (:func:`_fit_config`)."""
         config = (128, 128, 8, 4) if n >= 2048 else (64, 128, 4, 4)
         return _fit_config(config, block_r, _shared_memory(index), _rows_shared_memory, 256 * 32)
 
+    @functools.cache
     def _group_grad_config(
         widths: tuple[int, ...], with_g: bool, block_r: int, index: int | None
     ) -> tuple[int, int, int, int, int]:
@@ -782,6 +785,16 @@ if triton is not None:
         else:
             config = (256, 64, 8, 3, 512) if sum(widths) <= 4096 else (256, 128, 8, 3, 2048)
         return _fit_config(config, block_r, _shared_memory(index), _rows_shared_memory, 256 * 32)
+
+    @functools.cache
+    def _product_config(
+        tuned: tuple[int, int, int, int, int], block_r: int, index: int | None
+    ) -> tuple[int, int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, warps, stages, ROWS) of :func:`_product_backward_kernel`: ``tuned``
+        (:data:`PRODUCT_BACKWARD_CONFIG` or :data:`PRODUCT_BACKWARD_SILU_CONFIG`, read by the caller on each
+        launch, so an assignment to them still takes effect) fitted to BLOCK_R and the device
+        (:func:`_fit_config`; ROWS stays a multiple of BLOCK_M)."""
+        return _fit_config(tuned, block_r, _shared_memory(index), _product_shared_memory, 128 * 128)
 
     def _grad_meta(
         widths: tuple[int, ...], ranks: tuple[int, ...], chunk: int, device: torch.device
@@ -882,14 +895,10 @@ if triton is not None:
         """``(args, constexprs, grid, options, outputs)`` of one :func:`_product_backward_kernel` launch."""
         tokens, n_cols = a.shape
         rank = g.shape[1] if g is not None else 1
-        if (
-            config is None
-        ):  # the tuned one, fitted to BLOCK_R and the device; ROWS stays a multiple of BLOCK_M
-            default = PRODUCT_BACKWARD_SILU_CONFIG if silu else PRODUCT_BACKWARD_CONFIG
-            config = _fit_config(
-                default, _block_r(rank), _shared_memory(a.device.index), _product_shared_memory, 128 * 128
-            )
-        block_m, block_n, warps, stages, rows = config
+        tuned = PRODUCT_BACKWARD_SILU_CONFIG if silu else PRODUCT_BACKWARD_CONFIG
+        block_m, block_n, warps, stages, rows = config or _product_config(
+            tuned, _block_r(rank), a.device.index
+        )
         d_a, d_b = torch.empty_like(a), torch.empty_like(b)
         out = torch.zeros((rank, n_cols), dtype=torch.float32, device=a.device) if g is not None else None
         constexprs = {
