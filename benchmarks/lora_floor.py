@@ -14,10 +14,14 @@ take when they run as passes of their own beside cuBLAS's frozen GEMMs, whatever
 * AdamW over the float32 factors: 28 bytes per trained parameter (parameter, two moments: read and
   written; the gradient: read).
 
-Bytes over bandwidth is a floor no kernel of this kind goes below. Two floors are given: every pass from
-HBM, and an L2-ideal one where a re-read of an activation that fits the GPU's L2 cache is free (it only
-pays for the part beyond the L2 size). Kernels that read X and dY inside the frozen GEMMs (the ``folded``
-strategy, ``triton_gemm.py``) are not bound by this floor, but by their GEMM's speed against cuBLAS.
+Bytes over bandwidth is a floor no kernel of this kind goes below. Three floors (:data:`FLOORS`): backward
+rebuilding the merged weights; keeping them from forward (``save_merged_weight``); and also taking u as
+extra output columns of the frozen forward GEMM (``x·[W'; sA]ᵀ``, so u reads no X of its own; measured
+slower in benchmarks/RESULTS.md, "Folding u into the base GEMM", as its y is strided). G as extra columns of
+the input-gradient GEMM saves no read, as dB still reads dY. Each floor is given with every pass from
+HBM, and L2-ideal, where a re-read of an activation that fits the GPU's L2 cache is free (it only pays
+for the part beyond the L2 size). Kernels that read X and dY inside the frozen GEMMs (the ``folded``
+strategy, ``triton_gemm.py``) are not bound by these floors, but by their GEMM's speed against cuBLAS.
 
 The script also counts the peak-memory target's state: the float32 factors and AdamW moments the issue
 asks for, against PEFT-bf16's bf16 ones, beside every activation LoRA itself keeps (``u``, T × r per
@@ -126,10 +130,14 @@ def pass_bytes(spec: dict, train_a: bool, l2_bytes: int = 0, element: int = 2) -
     return parts
 
 
-def floor_ms(parts: dict[str, int], tbps: float, rebuild: bool) -> float:
-    """Milliseconds to move ``parts`` at ``tbps`` TB/s; without the rebuild when the merged weight is kept."""
-    total = sum(v for k, v in parts.items() if rebuild or k != "dX term, rebuilt")
-    return total / (tbps * 1e12) * 1e3
+#: floor → the passes it leaves out: backward rebuilding the merged weights (``rebuilt``), keeping them from
+#: forward (``kept``), and also taking u as extra output columns of the frozen forward GEMM (``stacked``)
+FLOORS = {"rebuilt": (), "kept": ("dX term, rebuilt",), "stacked": ("dX term, rebuilt", "u")}
+
+
+def floor_ms(parts: dict[str, int], tbps: float, floor: str) -> float:
+    """Milliseconds to move ``parts`` at ``tbps`` TB/s, less the passes :data:`FLOORS` leaves out."""
+    return sum(v for k, v in parts.items() if k not in FLOORS[floor]) / (tbps * 1e12) * 1e3
 
 
 def state_over_peft(spec: dict, train_a: bool) -> dict[str, float]:
@@ -195,7 +203,8 @@ def step_ms(runs: list[dict], variant: str, mode: str) -> float | None:
 
 def budgets(runs: list[dict], parts: dict[bool, dict], tbps: dict[str, float]) -> list[dict]:
     """One row per target whose variants ran: the ms it allows LoRA over no-adapter, what LoRA took, and the
-    floors of :func:`floor_ms` (at each bandwidth of ``tbps``; kept and rebuilt merged weight)."""
+    floors of :func:`floor_ms` (each of :data:`FLOORS`, from HBM and L2-ideal, at each bandwidth of
+    ``tbps``) as ``floor_{hbm|l2}_{floor}_{bandwidth}``."""
     rows = []
     for variant, reference, factor, modes in TARGETS:
         for mode in modes:
@@ -212,48 +221,48 @@ def budgets(runs: list[dict], parts: dict[bool, dict], tbps: dict[str, float]) -
                 "no_adapter_ms": none,
             }
             for label, bandwidth in tbps.items():
-                for floor_name, floor_parts in (("hbm", parts[train_a]), ("l2", parts[(train_a, "l2")])):
-                    for rebuild in (False, True):
-                        key = f"floor_{floor_name}_{'rebuilt' if rebuild else 'kept'}_{label}"
-                        row[key] = floor_ms(floor_parts, bandwidth, rebuild)
+                for memory, floor_parts in (("hbm", parts[train_a]), ("l2", parts[(train_a, "l2")])):
+                    for floor in FLOORS:
+                        row[f"floor_{memory}_{floor}_{label}"] = floor_ms(floor_parts, bandwidth, floor)
             rows.append(row)
     return rows
 
 
 def verdict(row: dict) -> str:
-    """Where a target's budget stands against the floors (merged weight kept: the lower ones)."""
+    """Where a target's budget stands against the HBM floors at the measured copy bandwidth."""
     allowed = row["allowed_ms"]
     if allowed <= 0:
         return "impossible: the budget is below the no-adapter step"
-    if allowed < row["floor_l2_kept_nominal"]:
-        return "below even the L2-ideal floor"
-    if allowed < row["floor_hbm_kept_nominal"]:
-        return "below the HBM floor: needs reads served from L2 or folded into the GEMMs"
+    if allowed < row["floor_hbm_stacked_measured"]:
+        return (
+            "below every floor: only LoRA's reads inside the frozen GEMMs' kernels, or from L2, could meet it"
+        )
     if allowed < row["floor_hbm_kept_measured"]:
-        return "above the HBM floor at the nominal bandwidth only"
-    return f"{allowed - row['floor_hbm_kept_measured']:.2f} ms above the HBM floor at the measured bandwidth"
+        return "only with u from the frozen GEMM and the merged weights kept, every pass at copy bandwidth"
+    if allowed < row["floor_hbm_rebuilt_measured"]:
+        return "only with the merged weights kept, every pass at copy bandwidth"
+    return f"{allowed - row['floor_hbm_rebuilt_measured']:.2f} ms above the floor"
 
 
 def render(report: dict) -> str:
     hw, nominal = report["hardware"], report["nominal_tbps"]
     lines = [
         f"GPU {hw['gpu']}: copy bandwidth {hw['copy_tbps']:.2f} TB/s measured, {nominal:.2f} TB/s nominal; "
-        f"L2 {hw['l2_bytes'] / MiB:.0f} MiB. Floors in ms with the merged weight kept (rebuilt in brackets).",
+        f"L2 {hw['l2_bytes'] / MiB:.0f} MiB. Floors in ms: merged weights rebuilt / kept / kept with u "
+        "stacked (at the measured bandwidth, then at the nominal one); L2-ideal: kept, measured bandwidth.",
         "",
-        "| mode | target | allowed ms | taken ms | HBM floor, nominal | HBM floor, measured "
-        "| L2-ideal floor, nominal | verdict |",
+        "| mode | target | allowed ms | taken ms | floor, measured | floor, nominal | L2-ideal | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["budgets"]:
         taken = "–" if row["taken_ms"] is None else f"{row['taken_ms']:.2f}"
-
-        def pair(name: str, label: str, row: dict = row) -> str:
-            return f"{row[f'floor_{name}_kept_{label}']:.2f} ({row[f'floor_{name}_rebuilt_{label}']:.2f})"
-
-        floors = f"{pair('hbm', 'nominal')} | {pair('hbm', 'measured')} | {pair('l2', 'nominal')}"
+        floors = " | ".join(
+            " / ".join(f"{row[f'floor_hbm_{floor}_{label}']:.2f}" for floor in FLOORS)
+            for label in ("measured", "nominal")
+        )
         lines.append(
             f"| {row['mode']} | {row['target']} | {row['allowed_ms']:.2f} | {taken} | {floors} "
-            f"| {verdict(row)} |"
+            f"| {row['floor_l2_kept_measured']:.2f} | {verdict(row)} |"
         )
     lines += ["", "Bytes per step by pass (GB, every pass from HBM):", ""]
     lines += ["| pass | A trained | A frozen |", "|---|---|---|"]
@@ -269,7 +278,7 @@ def render(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Allowed, taken and floor ms per target (HBM floor at the nominal bandwidth, merged weight kept)."""
+    """Allowed, taken and floor ms per target (the HBM floors at the measured copy bandwidth)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,8 +291,9 @@ def plot(report: dict, path: Path) -> None:
     series = {
         "allowed": [r["allowed_ms"] for r in rows],
         "taken": [r["taken_ms"] or 0.0 for r in rows],
-        "HBM floor (nominal)": [r["floor_hbm_kept_nominal"] for r in rows],
-        "L2-ideal floor (nominal)": [r["floor_l2_kept_nominal"] for r in rows],
+        "floor, merged weights rebuilt": [r["floor_hbm_rebuilt_measured"] for r in rows],
+        "floor, kept": [r["floor_hbm_kept_measured"] for r in rows],
+        "floor, kept, u stacked": [r["floor_hbm_stacked_measured"] for r in rows],
     }
     fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(rows)), 4.5))
     width = 0.8 / len(series)
@@ -293,7 +303,9 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
     ax.set_ylabel("ms per step over no-adapter")
     ax.set_title(f"LoRA's time budget per target ({report['hardware']['gpu']})")
-    ax.legend(fontsize=8)
+    top = max(max(values) for values in series.values())
+    ax.set_ylim(top=1.35 * top)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
     atomic_save_figure(fig, path)
 
 
