@@ -608,12 +608,16 @@ def describe_dtypes(model: torch.nn.Module) -> dict:
 
 # ----------------------------------------------------------------------------------------------- timing
 def make_step(
-    model: torch.nn.Module, ids: torch.Tensor, compiled: bool, fused_optimizer: bool = False
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    compiled: bool,
+    fused_optimizer: bool = False,
+    compile_mode: str = "default",
 ) -> tuple[Callable[[], float], object]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {"fused": True} if fused_optimizer else {}
     opt = torch.optim.AdamW(params, lr=1e-4, **opt_kwargs) if params else None
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=compile_mode) if compiled else model
 
     def step() -> float:
         loss = forward(input_ids=ids, labels=ids).loss
@@ -632,11 +636,13 @@ def prepare_variant(
     device: str,
     compiled: bool = False,
     generator: torch.Generator | None = None,
+    compile_mode: str = "default",
 ) -> tuple[torch.nn.Module, torch.Tensor, Callable[[], float], object]:
     """``(model, ids, step, optimizer)`` for ``variant`` (optionally ending in a key of :data:`LIGER` and
     then ``-fusedopt``): lorakit's switches set for it (:func:`set_library_flags`), the model built (given
     liger's kernels for a liger suffix; run it inside :func:`liger_scope`) and adapted, random token ids, and
-    :func:`make_step`'s training step (optimizer None without trainable parameters)."""
+    :func:`make_step`'s training step (optimizer None without trainable parameters), compiled in
+    ``compile_mode`` if ``compiled``."""
     base, fused_optimizer = set_library_flags(variant)
     model = build_model(spec, device)
     if liger_suffix(variant):
@@ -645,7 +651,7 @@ def prepare_variant(
         apply_liger_kernels(model, **LIGER[liger_suffix(variant)])
     model = apply_variant(model, base, spec)
     ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), device=device, generator=generator)
-    step, opt = make_step(model, ids, compiled, fused_optimizer)
+    step, opt = make_step(model, ids, compiled, fused_optimizer, compile_mode)
     return model, ids, step, opt
 
 
@@ -678,6 +684,14 @@ def timed(step: Callable, steps: int) -> list[float]:
     return times
 
 
+def run_mode(compiled: bool, compile_mode: str = "default") -> str:
+    """A run's mode as results name it: "eager", "compile", or "compile-<mode>" for another
+    ``torch.compile`` mode (``reduce-overhead``: CUDA graphs)."""
+    if not compiled:
+        return "eager"
+    return "compile" if compile_mode == "default" else f"compile-{compile_mode}"
+
+
 def measure(
     spec: Spec,
     variant: str,
@@ -687,13 +701,14 @@ def measure(
     steps: int,
     repeats: int,
     profile_to: Path | None = None,
+    compile_mode: str = "default",
 ) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
     with liger_scope(bool(liger_suffix(variant))):  # the run uses what liger patches
         model, _, step, opt = prepare_variant(
-            variant, spec, device, compiled, torch.Generator(device=device).manual_seed(7)
+            variant, spec, device, compiled, torch.Generator(device=device).manual_seed(7), compile_mode
         )
         info = describe_dtypes(model)
         torch.cuda.synchronize()
@@ -713,7 +728,7 @@ def measure(
         med = statistics.median(all_times)
         result = {
             "variant": variant,
-            "mode": "compile" if compiled else "eager",
+            "mode": run_mode(compiled, compile_mode),
             "spec": asdict(spec),
             "tok_per_s": tokens / med,
             "step_ms": med * 1e3,
@@ -910,6 +925,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha ({d.alpha:g})")
     parser.add_argument("--modes", default="eager,compile", help="comma list of eager, compile")
     parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode of the compile runs (reduce-overhead: CUDA graphs; results name the mode)",
+    )
+    parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help=f"comma list of {VARIANTS + EXTRA_VARIANTS}, each optionally ending in "
@@ -1008,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "sweep_layers": args.sweep_layers,
+        "compile_mode": args.compile_mode,
         "spec": asdict(spec),
     }
     report: dict = {"env": environment(device), "settings": settings, "runs": [], "sweeps": [], "micro": []}
@@ -1058,7 +1080,15 @@ def main(argv: list[str] | None = None) -> int:
             profiled = mode == "eager" and base_variant(variant)[0] in PROFILED
             prof = profile_path if profiled else None
             result = measure(
-                spec, variant, mode == "compile", device, args.warmup, args.steps, args.repeats, prof
+                spec,
+                variant,
+                mode == "compile",
+                device,
+                args.warmup,
+                args.steps,
+                args.repeats,
+                prof,
+                args.compile_mode,
             )
             report["runs"].append(result)
             add_ratios(report["runs"])
