@@ -201,10 +201,11 @@ def step_ms(runs: list[dict], variant: str, mode: str) -> float | None:
     return None if row is None else row["step_ms"]
 
 
-def budgets(runs: list[dict], parts: dict[bool, dict], tbps: dict[str, float]) -> list[dict]:
-    """One row per target whose variants ran: the ms it allows LoRA over no-adapter, what LoRA took, and the
-    floors of :func:`floor_ms` (each of :data:`FLOORS`, from HBM and L2-ideal, at each bandwidth of
-    ``tbps``) as ``floor_{hbm|l2}_{floor}_{bandwidth}``."""
+def budgets(runs: list[dict], parts: dict, tbps: dict[str, float]) -> list[dict]:
+    """One row per target whose no-adapter and reference runs are in ``runs``: the ms it allows LoRA over
+    no-adapter, what LoRA took (None where it did not run), and, from ``parts`` (:func:`pass_bytes` by
+    ``train_a`` and by ``(train_a, "l2")``), the floors of :func:`floor_ms` (each of :data:`FLOORS`, from
+    HBM and L2-ideal, at each bandwidth of ``tbps``) as ``floor_{hbm|l2}_{floor}_{bandwidth}``."""
     rows = []
     for variant, reference, factor, modes in TARGETS:
         for mode in modes:
@@ -309,12 +310,31 @@ def plot(report: dict, path: Path) -> None:
     atomic_save_figure(fig, path)
 
 
+def read_inputs(throughput: Sequence[Path], hardware: Path) -> tuple[list[dict], dict, dict]:
+    """(the timed runs of every ``throughput`` JSON, the ``hardware`` JSON, their one model spec); a file
+    that is not what it should be raises ``ValueError`` naming it."""
+    runs = []
+    for path in throughput:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
+            raise ValueError(f"{path}: not a throughput.py JSON (expected an object with a 'runs' list)")
+        runs += [run for run in report["runs"] if not run.get("sweep")]
+    specs = {json.dumps(run["spec"], sort_keys=True) for run in runs}
+    if len(specs) > 1:
+        raise ValueError(
+            f"{', '.join(map(str, throughput))}: runs of {len(specs)} model specs; give one spec"
+        )
+    hw = json.loads(hardware.read_text(encoding="utf-8"))
+    missing = [key for key in ("gpu", "copy_tbps", "l2_bytes") if key not in hw]
+    if missing:
+        raise ValueError(f"{hardware}: missing {', '.join(missing)} (write it with 'lora_floor.py measure')")
+    return runs, hw, {**DEFAULT_SPEC, **(runs[0]["spec"] if runs else {})}
+
+
 def budget(throughput: Sequence[Path], hardware: Path, nominal_tbps: float, out: Path) -> int:
     from lorakit.utils import atomic_write, atomic_write_json
 
-    runs = [run for path in throughput for run in json.loads(path.read_text(encoding="utf-8"))["runs"]]
-    hw = json.loads(hardware.read_text(encoding="utf-8"))
-    spec = {**DEFAULT_SPEC, **(runs[0]["spec"] if runs else {})}
+    runs, hw, spec = read_inputs(throughput, hardware)
     parts = {train_a: pass_bytes(spec, train_a) for train_a in (True, False)} | {
         (train_a, "l2"): pass_bytes(spec, train_a, hw["l2_bytes"]) for train_a in (True, False)
     }
@@ -351,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "measure":
         return measure(args.out)
-    return budget(args.throughput, args.hardware, args.nominal_tbps, args.out)
+    try:
+        return budget(args.throughput, args.hardware, args.nominal_tbps, args.out)
+    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        LOG.error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

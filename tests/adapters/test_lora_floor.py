@@ -161,3 +161,31 @@ def test_budget_writes_the_numbers_a_table_and_a_plot(floor, tmp_path) -> None:
     ]
     assert "| eager | lorakit ≥ 0.95 × no-adapter | 5.26 | 6.00 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_inputs_are_refused_naming_the_file(floor, tmp_path, caplog) -> None:
+    hardware = tmp_path / "bandwidth.json"
+    hardware.write_text(json.dumps({"gpu": "test GPU", "copy_tbps": 2.0}), encoding="utf-8")
+    good = tmp_path / "eager.json"
+    good.write_text(json.dumps({"runs": [_run("no-adapter", "eager", 100.0)]}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bandwidth.json: missing l2_bytes"):
+        floor.read_inputs([good], hardware)
+    hardware.write_text(json.dumps({"gpu": "test GPU", "copy_tbps": 2.0, "l2_bytes": 1}), encoding="utf-8")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"runs": [{**_run("lorakit", "eager", 1.0), "spec": {"layers": 4}}]}))
+    with pytest.raises(ValueError, match="2 model specs"):
+        floor.read_inputs([good, other], hardware)
+    stray = tmp_path / "stray.json"
+    stray.write_text("[1, 2]", encoding="utf-8")
+    argv = [
+        "budget",
+        "--throughput",
+        str(stray),
+        "--hardware",
+        str(hardware),
+        "--out",
+        str(tmp_path / "f.json"),
+    ]
+    assert floor.main(argv) == 2
+    assert "stray.json: not a throughput.py JSON" in caplog.text
+    assert not (tmp_path / "f.json").exists()
