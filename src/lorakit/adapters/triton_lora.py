@@ -457,11 +457,8 @@ if triton is not None:
         options = {"num_warps": num_warps, "num_stages": num_stages}
         if kernel is not None:  # the wrap_triton launch that torch.compile traces
             kernel[grid](*args, **constexprs, **options)
-            return rows, cols
-        try:
-            _rows_kernel[grid](*args, **constexprs, **options)
-        except _DoesNotFitError as error:  # raised before anything is launched
-            _launch_in_one_stage(_rows_kernel, grid, args, constexprs, options, error)
+        else:
+            _launch_fitting(_rows_kernel, grid, args, constexprs, options)
         return rows, cols
 
     @triton_op("lorakit::merge_lora_weight", mutates_args={})
@@ -517,10 +514,7 @@ if triton is not None:
             return
         found = _COMPILED.get(key) if DIRECT_LAUNCH else None
         if found is None:
-            try:
-                compiled = kernel[grid](*args, **constexprs, **options)
-            except _DoesNotFitError as error:  # raised before anything is launched
-                compiled = _launch_in_one_stage(kernel, grid, args, constexprs, options, error)
+            compiled = _launch_fitting(kernel, grid, args, constexprs, options)
             if DIRECT_LAUNCH and _LAUNCHER_TAKES_CONSTEXPRS and _launchable(compiled):
                 if len(_COMPILED) >= 4096:  # shapes that keep changing (token counts): start over
                     _COMPILED.clear()
@@ -540,6 +534,14 @@ if triton is not None:
         except TypeError as error:  # a Triton whose launcher takes other arguments: nothing was launched
             _stop_direct_launches(error)
             kernel[grid](*args, **constexprs, **options)
+
+    def _launch_fitting(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict) -> object:
+        """Triton's launch of ``kernel``, and its compiled kernel; where the launch does not fit the GPU's
+        shared memory (raised before anything is launched), :func:`_launch_in_one_stage`."""
+        try:
+            return kernel[grid](*args, **constexprs, **options)
+        except _DoesNotFitError as error:
+            return _launch_in_one_stage(kernel, grid, args, constexprs, options, error)
 
     def _launch_in_one_stage(
         kernel, grid: tuple, args: tuple, constexprs: dict, options: dict, error: Exception
