@@ -39,11 +39,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from kernel_bench import bench_ms
+from throughput import write_report
+
+from lorakit.utils import atomic_write_json
 
 LOG = logging.getLogger("lora_floor")
 MiB = 2**20
@@ -161,25 +166,14 @@ def state_over_peft(spec: dict, train_a: bool) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ measure
 def measure(out: Path) -> int:
-    """Copy bandwidth (read + write, median of 20 copies of 1 GiB) and L2 size of the current GPU."""
-    import torch
-
-    from lorakit.utils import atomic_write_json
-
+    """Copy bandwidth (read + write of 1 GiB, :func:`kernel_bench.bench_ms`'s median) and L2 size of the
+    current GPU."""
     if not torch.cuda.is_available():
         LOG.error("measure needs a CUDA GPU")
         return 2
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    seconds = statistics.median(times[5:])
+    seconds = bench_ms(lambda: dst.copy_(src), 500) / 1e3
     props = torch.cuda.get_device_properties(0)
     result = {
         "gpu": props.name,
@@ -332,8 +326,6 @@ def read_inputs(throughput: Sequence[Path], hardware: Path) -> tuple[list[dict],
 
 
 def budget(throughput: Sequence[Path], hardware: Path, nominal_tbps: float, out: Path) -> int:
-    from lorakit.utils import atomic_write, atomic_write_json
-
     runs, hw, spec = read_inputs(throughput, hardware)
     parts = {train_a: pass_bytes(spec, train_a) for train_a in (True, False)} | {
         (train_a, "l2"): pass_bytes(spec, train_a, hw["l2_bytes"]) for train_a in (True, False)
@@ -347,11 +339,10 @@ def budget(throughput: Sequence[Path], hardware: Path, nominal_tbps: float, out:
         "pass_bytes": {"trained": parts[True], "frozen": parts[False]},
         "state_mib": {"trained": state_over_peft(spec, True), "frozen": state_over_peft(spec, False)},
     }
-    atomic_write_json(out, report)
-    with atomic_write(out.with_suffix(".md")) as handle:
-        handle.write(render(report))
+    text = render(report)
+    write_report(out, report, text)
     plot(report, out.with_suffix(".png"))
-    sys.stdout.write(render(report))
+    sys.stdout.write(text)
     return 0
 
 

@@ -31,9 +31,13 @@ def floor():
     spec = importlib.util.spec_from_file_location("lora_floor", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports its sibling scripts, as when run from there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+        del sys.modules[spec.name]
 
 
 @pytest.mark.parametrize("train", ["AB", "B"])
